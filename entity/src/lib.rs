@@ -1,0 +1,5 @@
+//! sea-orm entities for the quota-keeper schema (kept in step with `migration/`).
+
+pub mod api_keys;
+pub mod processed_events;
+pub mod usage_history;

@@ -1,0 +1,20 @@
+//! Ordered list of the schema migrations shared by PostgreSQL and SQLite.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261123_000001_create_api_keys;
+mod m20261123_000002_create_usage_history;
+mod m20261123_000003_create_processed_events;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261123_000001_create_api_keys::Migration),
+            Box::new(m20261123_000002_create_usage_history::Migration),
+            Box::new(m20261123_000003_create_processed_events::Migration),
+        ]
+    }
+}

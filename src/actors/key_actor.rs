@@ -1,0 +1,233 @@
+//! `KeyActor`: the single writer of one key's quota state, answering checks from memory.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use entity::api_keys::Model;
+
+use super::registry::RegistryShared;
+use crate::db::api_keys::{self, KeyChange};
+use crate::domain::check::CheckReply;
+use crate::domain::quota::QuotaState;
+use crate::settings::UnknownKeyPolicy;
+
+/// How long an actor that found no key (or could not load it) lives, absorbing repeated requests.
+const NEGATIVE_ENTRY_LIFETIME: Duration = Duration::from_secs(5);
+/// How long an actor whose load failed lives before a new load is tried.
+const FAILED_LOAD_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Why a key actor could not answer.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key is not resident and the database cannot be read or written.
+    #[error("quota state unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Answer a check from memory (rolling a lapsed window over first).
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "Result<CheckReply, KeyError>")]
+pub struct CheckQuota {
+    /// Estimated tokens of the coming request.
+    pub estimate: Option<i64>,
+}
+
+/// Apply an admin change to the key if it belongs to `username`; `None` when it does not.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Option<Model>, KeyError>")]
+pub struct UpdateKey {
+    pub username: String,
+    pub change: KeyChange,
+}
+
+/// Delete the key if it belongs to `username`; `false` when it does not. The actor stops.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<bool, KeyError>")]
+pub struct DeleteKey {
+    pub username: String,
+}
+
+/// Stop now (the key was created or changed behind the actor's back).
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "()")]
+pub struct StopKeyActor;
+
+/// What the actor knows about its key.
+enum KeyState {
+    Loading,
+    Resident { username: Box<str>, quota: QuotaState },
+    Unknown,
+    LoadFailed(String),
+}
+
+pub struct KeyActor {
+    id: i64,
+    state: KeyState,
+    last_activity: Instant,
+    shared: Arc<RegistryShared>,
+}
+
+impl KeyActor {
+    pub(crate) fn new(id: i64, shared: Arc<RegistryShared>) -> Self {
+        KeyActor {
+            id,
+            state: KeyState::Loading,
+            last_activity: Instant::now(),
+            shared,
+        }
+    }
+
+    fn become_resident(&mut self, key: Model) {
+        self.state = KeyState::Resident {
+            username: key.username.into_boxed_str(),
+            quota: QuotaState {
+                quota: key.token_quota_monthly,
+                used: key.tokens_used_this_month,
+                reset_at: key.quota_reset_at,
+            },
+        };
+    }
+
+    fn unavailable(&self) -> Option<KeyError> {
+        match &self.state {
+            KeyState::LoadFailed(reason) => Some(KeyError::Unavailable(reason.clone())),
+            _ => None,
+        }
+    }
+}
+
+impl Actor for KeyActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        metrics::gauge!(crate::metrics::RESIDENT_KEY_ACTORS).increment(1.0);
+        let db = self.shared.db.clone();
+        let id = self.id;
+        // `wait` holds every message until the key is loaded, so none sees a half-built state.
+        ctx.wait(
+            async move { api_keys::find_key(&db, id).await }
+                .into_actor(self)
+                .map(move |loaded, actor, ctx| match loaded {
+                    Ok(Some(key)) => actor.become_resident(key),
+                    Ok(None) => {
+                        actor.state = KeyState::Unknown;
+                        ctx.run_later(NEGATIVE_ENTRY_LIFETIME, |_, ctx| ctx.stop());
+                    }
+                    Err(error) => {
+                        tracing::warn!(api_key_id = id, %error, "could not load API key");
+                        actor.state = KeyState::LoadFailed(error.to_string());
+                        ctx.run_later(FAILED_LOAD_RETRY_AFTER, |_, ctx| ctx.stop());
+                    }
+                }),
+        );
+        let idle_timeout = self.shared.idle_timeout;
+        let sweep_every = (idle_timeout / 2).max(Duration::from_millis(100));
+        ctx.run_interval(sweep_every, move |actor, ctx| {
+            if actor.last_activity.elapsed() >= idle_timeout {
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, ctx: &mut Self::Context) {
+        metrics::gauge!(crate::metrics::RESIDENT_KEY_ACTORS).decrement(1.0);
+        self.shared.forget(self.id, &ctx.address());
+    }
+}
+
+impl Handler<CheckQuota> for KeyActor {
+    type Result = Result<CheckReply, KeyError>;
+
+    fn handle(&mut self, msg: CheckQuota, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        if let Some(error) = self.unavailable() {
+            return Err(error);
+        }
+        let now = self.shared.clock.now();
+        match &mut self.state {
+            KeyState::Resident { quota, .. } => {
+                quota.roll_over_if_lapsed(now);
+                Ok(CheckReply::for_known_key(self.id, quota, msg.estimate))
+            }
+            _ => Ok(CheckReply::for_unknown_key(
+                self.id,
+                self.shared.unknown_key == UnknownKeyPolicy::Allow,
+            )),
+        }
+    }
+}
+
+impl Handler<UpdateKey> for KeyActor {
+    type Result = AtomicResponse<Self, Result<Option<Model>, KeyError>>;
+
+    fn handle(&mut self, msg: UpdateKey, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        let owned = matches!(&self.state, KeyState::Resident { username, .. } if **username == *msg.username);
+        let failed = self.unavailable();
+        let db = self.shared.db.clone();
+        let now = self.shared.clock.now();
+        let id = self.id;
+        // Atomic: no check runs between the write and the new state, so the next check sees the change.
+        AtomicResponse::new(Box::pin(
+            async move {
+                if let Some(error) = failed {
+                    return Err(error);
+                }
+                if !owned {
+                    return Ok(None);
+                }
+                api_keys::update_key(&db, id, msg.change, now)
+                    .await
+                    .map_err(|error| KeyError::Unavailable(error.to_string()))
+            }
+            .into_actor(self)
+            .map(|result, actor, _| {
+                if let Ok(Some(key)) = &result {
+                    actor.become_resident(key.clone());
+                }
+                result
+            }),
+        ))
+    }
+}
+
+impl Handler<DeleteKey> for KeyActor {
+    type Result = AtomicResponse<Self, Result<bool, KeyError>>;
+
+    fn handle(&mut self, msg: DeleteKey, _: &mut Self::Context) -> Self::Result {
+        let owned = matches!(&self.state, KeyState::Resident { username, .. } if **username == *msg.username);
+        let failed = self.unavailable();
+        let db = self.shared.db.clone();
+        let id = self.id;
+        AtomicResponse::new(Box::pin(
+            async move {
+                if let Some(error) = failed {
+                    return Err(error);
+                }
+                if !owned {
+                    return Ok(false);
+                }
+                api_keys::delete_key(&db, id)
+                    .await
+                    .map_err(|error| KeyError::Unavailable(error.to_string()))
+            }
+            .into_actor(self)
+            .map(|result, actor, ctx| {
+                if let Ok(true) = result {
+                    actor.state = KeyState::Unknown;
+                    ctx.stop();
+                }
+                result
+            }),
+        ))
+    }
+}
+
+impl Handler<StopKeyActor> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopKeyActor, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,4 @@
+//! Actors: one per API key (`key_actor`) and the registry that finds or starts them.
+
+pub mod key_actor;
+pub mod registry;

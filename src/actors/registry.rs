@@ -1,0 +1,198 @@
+//! `KeyRegistry`: finds the actor of a key or starts exactly one, spread over one arbiter per core.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use entity::api_keys::Model;
+use sea_orm::DatabaseConnection;
+
+use super::key_actor::{CheckQuota, DeleteKey, KeyActor, KeyError, StopKeyActor, UpdateKey};
+use crate::clock::SharedClock;
+use crate::db::api_keys::KeyChange;
+use crate::domain::check::CheckReply;
+use crate::settings::UnknownKeyPolicy;
+
+/// Lock stripes of the id → actor map, so lookups from many threads rarely contend.
+const MAP_STRIPES: usize = 64;
+/// A message that meets a stopping actor is sent again to a fresh one, this many times at most.
+const MAX_SEND_ATTEMPTS: usize = 4;
+
+/// What every key actor shares: dependencies, policy and the map it removes itself from.
+pub struct RegistryShared {
+    pub(crate) db: DatabaseConnection,
+    pub(crate) clock: SharedClock,
+    pub(crate) unknown_key: UnknownKeyPolicy,
+    pub(crate) idle_timeout: Duration,
+    stripes: Vec<Mutex<HashMap<i64, Addr<KeyActor>>>>,
+    arbiters: Vec<ArbiterHandle>,
+}
+
+impl RegistryShared {
+    fn stripe(&self, id: i64) -> &Mutex<HashMap<i64, Addr<KeyActor>>> {
+        &self.stripes[id.rem_euclid(MAP_STRIPES as i64) as usize]
+    }
+
+    /// Removes `id` from the map if it still points at `addr` (a newer actor may have replaced it).
+    pub(crate) fn forget(&self, id: i64, addr: &Addr<KeyActor>) {
+        let mut map = self.stripe(id).lock().expect("registry stripes are never held across a panic");
+        if map.get(&id) == Some(addr) {
+            map.remove(&id);
+        }
+    }
+}
+
+/// Cheap to clone; every clone sees the same actors.
+#[derive(Clone)]
+pub struct KeyRegistry {
+    shared: Arc<RegistryShared>,
+}
+
+impl KeyRegistry {
+    /// Starts `arbiters` threads (0: one per core) to run key actors. Must run inside an actix `System`.
+    pub fn start(
+        db: DatabaseConnection,
+        clock: SharedClock,
+        unknown_key: UnknownKeyPolicy,
+        idle_timeout: Duration,
+        arbiters: usize,
+    ) -> KeyRegistry {
+        let count = if arbiters == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            arbiters
+        };
+        let arbiters = (0..count).map(|_| Arbiter::new().handle()).collect();
+        KeyRegistry {
+            shared: Arc::new(RegistryShared {
+                db,
+                clock,
+                unknown_key,
+                idle_timeout,
+                stripes: (0..MAP_STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+                arbiters,
+            }),
+        }
+    }
+
+    /// The running actor of `id`, started (on the arbiter the id maps to) if there is none.
+    fn actor_for(&self, id: i64) -> Addr<KeyActor> {
+        let mut map = self
+            .shared
+            .stripe(id)
+            .lock()
+            .expect("registry stripes are never held across a panic");
+        if let Some(addr) = map.get(&id) {
+            if addr.connected() {
+                return addr.clone();
+            }
+        }
+        let arbiter = &self.shared.arbiters[id.rem_euclid(self.shared.arbiters.len() as i64) as usize];
+        let shared = Arc::clone(&self.shared);
+        let addr = KeyActor::start_in_arbiter(arbiter, move |_| KeyActor::new(id, shared));
+        map.insert(id, addr.clone());
+        addr
+    }
+
+    /// Sends `msg` to the actor of `id`, retrying on a fresh actor if it met one that was stopping.
+    async fn send<M, T>(&self, id: i64, msg: M) -> Result<T, KeyError>
+    where
+        M: Message<Result = Result<T, KeyError>> + Clone + Send + 'static,
+        T: Send + 'static,
+        KeyActor: Handler<M>,
+    {
+        for _ in 0..MAX_SEND_ATTEMPTS {
+            let addr = self.actor_for(id);
+            match addr.send(msg.clone()).await {
+                Ok(result) => return result,
+                Err(_) => self.shared.forget(id, &addr),
+            }
+        }
+        Err(KeyError::Unavailable(format!(
+            "the actor of key {id} stopped {MAX_SEND_ATTEMPTS} times in a row"
+        )))
+    }
+
+    /// Answers a check of key `id` from its actor, counting the outcome and its latency.
+    pub async fn check(&self, id: i64, estimate: Option<i64>) -> Result<CheckReply, KeyError> {
+        let started = std::time::Instant::now();
+        let result = self.send(id, CheckQuota { estimate }).await;
+        let outcome = match &result {
+            Ok(reply) => match (reply.status, reply.known) {
+                (200, true) => "allowed",
+                (200, false) => "unknown_allowed",
+                (429, _) => "denied",
+                (404, _) => "unknown_denied",
+                _ => "other",
+            },
+            Err(_) => "unavailable",
+        };
+        metrics::counter!(crate::metrics::CHECKS_TOTAL, "outcome" => outcome).increment(1);
+        metrics::histogram!(crate::metrics::CHECK_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Changes key `id` of `username` through its actor; `None` if it is not that user's key.
+    pub async fn update(&self, id: i64, username: &str, change: KeyChange) -> Result<Option<Model>, KeyError> {
+        self.send(
+            id,
+            UpdateKey {
+                username: username.to_string(),
+                change,
+            },
+        )
+        .await
+    }
+
+    /// Deletes key `id` of `username` through its actor; `false` if it is not that user's key.
+    pub async fn delete(&self, id: i64, username: &str) -> Result<bool, KeyError> {
+        self.send(
+            id,
+            DeleteKey {
+                username: username.to_string(),
+            },
+        )
+        .await
+    }
+
+    /// Drops the resident actor of `id`, if any, so the next request loads the key afresh.
+    pub fn invalidate(&self, id: i64) {
+        let addr = self
+            .shared
+            .stripe(id)
+            .lock()
+            .expect("registry stripes are never held across a panic")
+            .remove(&id);
+        if let Some(addr) = addr {
+            addr.do_send(StopKeyActor);
+        }
+    }
+
+    /// Number of keys with a running actor.
+    pub fn resident_count(&self) -> usize {
+        self.shared
+            .stripes
+            .iter()
+            .map(|stripe| stripe.lock().expect("registry stripes are never held across a panic").len())
+            .sum()
+    }
+
+    /// Stops every key actor and the arbiters that run them.
+    pub fn shutdown(&self) {
+        for stripe in &self.shared.stripes {
+            let actors: Vec<_> = stripe
+                .lock()
+                .expect("registry stripes are never held across a panic")
+                .drain()
+                .map(|(_, addr)| addr)
+                .collect();
+            for addr in actors {
+                addr.do_send(StopKeyActor);
+            }
+        }
+        for arbiter in &self.shared.arbiters {
+            arbiter.stop();
+        }
+    }
+}

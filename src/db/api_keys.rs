@@ -1,0 +1,129 @@
+//! Queries on `api_keys`: create (assigned or given id), read, list, change, delete.
+
+use chrono::{DateTime, Utc};
+use entity::api_keys::{self, ActiveModel, Column, Entity as ApiKeys, Model};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, Set, SqlErr, Statement,
+};
+
+use crate::domain::window::next_window_start;
+
+/// What an operator asks for when creating a key.
+#[derive(Clone, Debug, Default)]
+pub struct NewKey {
+    pub id: Option<i64>,
+    pub username: String,
+    pub description: String,
+    pub token_quota_monthly: Option<i64>,
+}
+
+/// A change to a key; `None` fields are left as they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyChange {
+    pub description: Option<String>,
+    /// `Some(None)` clears the quota (unlimited).
+    pub token_quota_monthly: Option<Option<i64>>,
+    pub reset_usage: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateKeyError {
+    #[error("API key {0} already exists")]
+    IdTaken(i64),
+    #[error(transparent)]
+    Database(#[from] DbErr),
+}
+
+/// Inserts a key whose first window is the one containing `now`.
+pub async fn create_key(
+    db: &impl ConnectionTrait,
+    new_key: NewKey,
+    now: DateTime<Utc>,
+) -> Result<Model, CreateKeyError> {
+    let mut row = ActiveModel {
+        username: Set(new_key.username),
+        description: Set(new_key.description),
+        created_at: Set(now),
+        token_quota_monthly: Set(new_key.token_quota_monthly),
+        tokens_used_this_month: Set(0),
+        quota_reset_at: Set(next_window_start(now)),
+        ..Default::default()
+    };
+    if let Some(id) = new_key.id {
+        row.id = Set(id);
+    }
+    let created = match row.insert(db).await {
+        Ok(model) => model,
+        Err(error) => {
+            return match (error.sql_err(), new_key.id) {
+                (Some(SqlErr::UniqueConstraintViolation(_)), Some(id)) => Err(CreateKeyError::IdTaken(id)),
+                _ => Err(error.into()),
+            }
+        }
+    };
+    if new_key.id.is_some() && db.get_database_backend() == DbBackend::Postgres {
+        // An explicit id does not advance the serial sequence; move it past the largest id
+        // so the next assigned id cannot collide.
+        db.execute_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT setval(pg_get_serial_sequence('api_keys', 'id'), GREATEST((SELECT MAX(id) FROM api_keys), 1))",
+        ))
+        .await?;
+    }
+    Ok(created)
+}
+
+pub async fn find_key(db: &impl ConnectionTrait, id: i64) -> Result<Option<Model>, DbErr> {
+    ApiKeys::find_by_id(id).one(db).await
+}
+
+/// The key with `id` if it belongs to `username`.
+pub async fn find_user_key(
+    db: &impl ConnectionTrait,
+    username: &str,
+    id: i64,
+) -> Result<Option<Model>, DbErr> {
+    Ok(find_key(db, id).await?.filter(|key| key.username == username))
+}
+
+pub async fn list_user_keys(db: &impl ConnectionTrait, username: &str) -> Result<Vec<Model>, DbErr> {
+    ApiKeys::find()
+        .filter(Column::Username.eq(username))
+        .order_by_asc(Column::Id)
+        .all(db)
+        .await
+}
+
+/// Applies `change` to key `id` at `now`; `None` when the key does not exist.
+pub async fn update_key(
+    db: &impl ConnectionTrait,
+    id: i64,
+    change: KeyChange,
+    now: DateTime<Utc>,
+) -> Result<Option<Model>, DbErr> {
+    let Some(current) = find_key(db, id).await? else {
+        return Ok(None);
+    };
+    let mut row: ActiveModel = current.into();
+    if let Some(description) = change.description {
+        row.description = Set(description);
+    }
+    if let Some(quota) = change.token_quota_monthly {
+        row.token_quota_monthly = Set(quota);
+    }
+    if change.reset_usage {
+        row.tokens_used_this_month = Set(0);
+        row.quota_reset_at = Set(next_window_start(now));
+    }
+    Ok(Some(row.update(db).await?))
+}
+
+/// Deletes key `id` (its history goes with it); `false` when it did not exist.
+pub async fn delete_key(db: &impl ConnectionTrait, id: i64) -> Result<bool, DbErr> {
+    let result = ApiKeys::delete_many()
+        .filter(api_keys::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
+}

@@ -1,0 +1,205 @@
+//! Usage events (SPEC §2.1): decoding and validation, each rejection with a short reason.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use super::check::parse_object;
+
+/// Largest token total one event may carry.
+pub const MAX_EVENT_TOKENS: i64 = 1_000_000_000_000;
+/// Longest accepted `event_id`, in characters.
+pub const MAX_EVENT_ID_CHARS: usize = 128;
+
+/// Why a message was refused; becomes the `x-quota-error` header or the `detail` of a 400.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejection(String);
+
+impl Rejection {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Rejection(reason.into())
+    }
+}
+
+/// A validated usage event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageEvent {
+    pub event_id: String,
+    pub api_key_id: i64,
+    pub tokens: i64,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Decodes a usage event; `received_at` is used when `occurred_at` is absent.
+///
+/// When `tokens` is present it is the total and `input_tokens`/`output_tokens` are only
+/// validated, so a client that sends all three is not counted twice.
+pub fn decode_usage_event(body: &[u8], received_at: DateTime<Utc>) -> Result<UsageEvent, Rejection> {
+    let object = parse_object(body)?;
+    let event_id = match object.get("event_id") {
+        None | Some(Value::Null) => return Err(Rejection::new("event_id is required")),
+        Some(Value::String(id)) => id.clone(),
+        Some(_) => return Err(Rejection::new("event_id must be a string")),
+    };
+    let id_chars = event_id.chars().count();
+    if id_chars == 0 || id_chars > MAX_EVENT_ID_CHARS {
+        return Err(Rejection::new(format!(
+            "event_id must be 1-{MAX_EVENT_ID_CHARS} characters, got {id_chars}"
+        )));
+    }
+    let api_key_id = required_key_id(&object)?;
+    let total = optional_count(&object, "tokens")?;
+    let input = optional_count(&object, "input_tokens")?;
+    let output = optional_count(&object, "output_tokens")?;
+    let tokens = match (total, input, output) {
+        (Some(total), _, _) => total,
+        (None, None, None) => {
+            return Err(Rejection::new(
+                "tokens is required (or input_tokens and/or output_tokens)",
+            ))
+        }
+        (None, input, output) => input.unwrap_or(0) + output.unwrap_or(0),
+    };
+    if tokens > MAX_EVENT_TOKENS {
+        return Err(Rejection::new(format!(
+            "token total {tokens} is above the limit of 10^12"
+        )));
+    }
+    let occurred_at = match object.get("occurred_at") {
+        None | Some(Value::Null) => received_at,
+        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
+            .map_err(|error| Rejection::new(format!("occurred_at is not an RFC 3339 instant: {error}")))?
+            .with_timezone(&Utc),
+        Some(_) => return Err(Rejection::new("occurred_at must be an RFC 3339 string")),
+    };
+    Ok(UsageEvent {
+        event_id,
+        api_key_id,
+        tokens,
+        occurred_at,
+    })
+}
+
+/// `api_key_id`: required integer ≥ 1.
+pub(crate) fn required_key_id(object: &Map<String, Value>) -> Result<i64, Rejection> {
+    match object.get("api_key_id") {
+        None | Some(Value::Null) => Err(Rejection::new("api_key_id is required")),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(id) if id >= 1 => Ok(id),
+            _ => Err(Rejection::new("api_key_id must be an integer >= 1")),
+        },
+        Some(_) => Err(Rejection::new("api_key_id must be an integer >= 1")),
+    }
+}
+
+/// An optional token count: absent or null → `None`; else an integer in `0..=10^12`.
+pub(crate) fn optional_count(
+    object: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<i64>, Rejection> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            if let Some(value) = n.as_i64() {
+                if value < 0 {
+                    Err(Rejection::new(format!("{field} must be >= 0, got {value}")))
+                } else if value > MAX_EVENT_TOKENS {
+                    Err(Rejection::new(format!("{field} is above the limit of 10^12")))
+                } else {
+                    Ok(Some(value))
+                }
+            } else if n.is_u64() {
+                Err(Rejection::new(format!("{field} is above the limit of 10^12")))
+            } else {
+                Err(Rejection::new(format!("{field} must be an integer, got {n}")))
+            }
+        }
+        Some(_) => Err(Rejection::new(format!("{field} must be an integer"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z").unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn decodes_the_spec_example() {
+        let event = decode_usage_event(
+            br#"{"event_id": "9b1c", "api_key_id": 42, "tokens": 1350, "occurred_at": "2026-11-23T10:15:00Z"}"#,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(event.tokens, 1350);
+        assert_eq!(event.api_key_id, 42);
+        assert_eq!(event.occurred_at.to_rfc3339(), "2026-11-23T10:15:00+00:00");
+    }
+
+    #[test]
+    fn sums_input_and_output_and_defaults_the_time() {
+        let event = decode_usage_event(
+            br#"{"event_id": "a", "api_key_id": 1, "input_tokens": 10, "output_tokens": 5}"#,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(event.tokens, 15);
+        assert_eq!(event.occurred_at, now());
+        let only_output =
+            decode_usage_event(br#"{"event_id": "a", "api_key_id": 1, "output_tokens": 5}"#, now());
+        assert_eq!(only_output.unwrap().tokens, 5);
+    }
+
+    #[test]
+    fn total_wins_over_parts() {
+        let event = decode_usage_event(
+            br#"{"event_id": "a", "api_key_id": 1, "tokens": 15, "input_tokens": 10, "output_tokens": 5}"#,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(event.tokens, 15);
+    }
+
+    #[test]
+    fn every_malformed_kind_has_a_reason() {
+        let long_id = "x".repeat(129);
+        let long_body = format!(r#"{{"event_id": "{long_id}", "api_key_id": 1, "tokens": 1}}"#);
+        let cases: Vec<(&[u8], &str)> = vec![
+            (b"not json", "not valid JSON"),
+            (b"\xff\xfe", "not valid JSON"),
+            (b"42", "JSON object"),
+            (br#"{"api_key_id": 1, "tokens": 1}"#, "event_id is required"),
+            (br#"{"event_id": 7, "api_key_id": 1, "tokens": 1}"#, "event_id must be a string"),
+            (br#"{"event_id": "", "api_key_id": 1, "tokens": 1}"#, "event_id must be 1-128"),
+            (long_body.as_bytes(), "event_id must be 1-128"),
+            (br#"{"event_id": "a", "tokens": 1}"#, "api_key_id is required"),
+            (br#"{"event_id": "a", "api_key_id": "1", "tokens": 1}"#, "api_key_id must be"),
+            (br#"{"event_id": "a", "api_key_id": -3, "tokens": 1}"#, "api_key_id must be"),
+            (br#"{"event_id": "a", "api_key_id": 1}"#, "tokens is required"),
+            (br#"{"event_id": "a", "api_key_id": 1, "tokens": -1}"#, "tokens must be >= 0"),
+            (br#"{"event_id": "a", "api_key_id": 1, "tokens": 1.5}"#, "tokens must be an integer"),
+            (br#"{"event_id": "a", "api_key_id": 1, "tokens": "1"}"#, "tokens must be an integer"),
+            (br#"{"event_id": "a", "api_key_id": 1, "tokens": 1000000000001}"#, "10^12"),
+            (br#"{"event_id": "a", "api_key_id": 1, "tokens": 18446744073709551615}"#, "10^12"),
+            (
+                br#"{"event_id": "a", "api_key_id": 1, "input_tokens": 600000000000, "output_tokens": 600000000000}"#,
+                "10^12",
+            ),
+            (br#"{"event_id": "a", "api_key_id": 1, "tokens": 1, "occurred_at": "yesterday"}"#, "occurred_at"),
+            (br#"{"event_id": "a", "api_key_id": 1, "tokens": 1, "occurred_at": 5}"#, "occurred_at"),
+        ];
+        for (body, reason) in cases {
+            let error = decode_usage_event(body, now()).unwrap_err().to_string();
+            assert!(error.contains(reason), "{error:?} should mention {reason:?}");
+        }
+    }
+
+    #[test]
+    fn zero_tokens_is_valid() {
+        let event =
+            decode_usage_event(br#"{"event_id": "z", "api_key_id": 1, "tokens": 0}"#, now()).unwrap();
+        assert_eq!(event.tokens, 0);
+    }
+}

@@ -1,0 +1,27 @@
+//! `POST /keys/{id}/check`: the quota answer of SPEC §2.2 over HTTP (200, 429 or 404).
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+
+use super::admin::parse_key_id;
+use super::auth::Admin;
+use super::body::read_body;
+use super::errors::ApiError;
+use super::AppState;
+use crate::domain::check::{decode_check_estimate, CheckReply};
+
+pub async fn check_key(
+    _admin: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_key_id(&path)?;
+    let body = read_body(payload, state.max_body_bytes).await?;
+    let reply = match decode_check_estimate(&body) {
+        Ok(estimate) => state.registry.check(id, estimate).await?,
+        Err(rejection) => CheckReply::malformed(Some(id), &rejection),
+    };
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
+    Ok(HttpResponse::build(status).json(reply))
+}

@@ -1,0 +1,12 @@
+//! quota-keeper: a monthly token quota per API key, enforced from memory by one actor per key.
+
+pub mod actors;
+pub mod clock;
+pub mod db;
+pub mod domain;
+pub mod http;
+pub mod metrics;
+pub mod readiness;
+pub mod settings;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,46 @@
+//! Shared readiness of the dependencies, written by their owners and read by `/readyz`.
+
+use std::sync::Mutex;
+
+/// What `/readyz` reports for the broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerState {
+    /// The application runs without a broker (tests of the HTTP layer alone).
+    NotConfigured,
+    /// Not consuming yet or any more; the text says why.
+    Down(String),
+    Consuming,
+}
+
+/// Readiness flags shared between the AMQP consumers, the batch writer and `/readyz`.
+#[derive(Debug)]
+pub struct Readiness {
+    broker: Mutex<BrokerState>,
+    /// Set by the batch writer when a commit fails, cleared on the next success.
+    database_error: Mutex<Option<String>>,
+}
+
+impl Readiness {
+    pub fn new(broker: BrokerState) -> Readiness {
+        Readiness {
+            broker: Mutex::new(broker),
+            database_error: Mutex::new(None),
+        }
+    }
+
+    pub fn broker(&self) -> BrokerState {
+        self.broker.lock().expect("readiness mutex is never held across a panic").clone()
+    }
+
+    pub fn set_broker(&self, state: BrokerState) {
+        *self.broker.lock().expect("readiness mutex is never held across a panic") = state;
+    }
+
+    pub fn database_error(&self) -> Option<String> {
+        self.database_error.lock().expect("readiness mutex is never held across a panic").clone()
+    }
+
+    pub fn set_database_error(&self, error: Option<String>) {
+        *self.database_error.lock().expect("readiness mutex is never held across a panic") = error;
+    }
+}

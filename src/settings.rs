@@ -1,0 +1,291 @@
+//! Typed settings: `config.toml` (or `--config PATH`), then `QUOTA__SECTION__KEY` environment overrides.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// An invalid or unreadable setting, named by its key.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("invalid setting {key}: {problem}")]
+    Invalid { key: &'static str, problem: String },
+    #[error("invalid settings: {0}")]
+    Unreadable(#[from] config::ConfigError),
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub http: HttpSettings,
+    pub admin: AdminSettings,
+    pub scheduler: SchedulerSettings,
+    pub check: CheckSettings,
+    pub ingest: IngestSettings,
+    pub actors: ActorSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://…` (embedded) or `postgres://…`.
+    pub url: String,
+    /// Upper bound of the connection pool.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: "sqlite://quota.db?mode=rwc".into(),
+            max_connections: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: String,
+    /// Number of shard queues; fixed per cluster (changing it moves keys between queues).
+    pub shards: u16,
+    /// Unacknowledged deliveries per shard channel; must exceed `ingest.batch_size`.
+    pub prefetch: u16,
+    /// Heartbeat in seconds: how fast a hung peer is noticed.
+    pub heartbeat_secs: u16,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max_backoff_ms: u64,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            shards: 16,
+            prefetch: 10_000,
+            heartbeat_secs: 5,
+            reconnect_max_backoff_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on; port 0 picks a free port.
+    pub bind: String,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            bind: "127.0.0.1:8080".into(),
+            max_body_bytes: 16 * 1024,
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// HTTP Basic password of user `admin`; unset → admin routes answer 503.
+    pub password: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSettings {
+    /// How often lapsed windows are rolled over.
+    pub interval_ms: u64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        SchedulerSettings { interval_ms: 60_000 }
+    }
+}
+
+/// What a check of a key the database does not know answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownKeyPolicy {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckSettings {
+    pub unknown_key: UnknownKeyPolicy,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestSettings {
+    /// Events per database transaction at most.
+    pub batch_size: usize,
+    /// Longest time an event waits before its batch is flushed.
+    pub flush_interval_ms: u64,
+    /// How long processed event ids are kept for deduplication.
+    pub event_retention_days: u32,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        IngestSettings {
+            batch_size: 1_000,
+            flush_interval_ms: 200,
+            event_retention_days: 8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActorSettings {
+    /// A key actor with no traffic and nothing pending for this long stops.
+    pub idle_timeout_secs: u64,
+    /// Threads that run key actors; 0 means one per core.
+    pub arbiters: usize,
+}
+
+impl Default for ActorSettings {
+    fn default() -> Self {
+        ActorSettings {
+            idle_timeout_secs: 600,
+            arbiters: 0,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `quota_keeper=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads `path` if it exists (it must exist when `required`), then the environment, then validates.
+    pub fn load(path: &Path, required: bool) -> Result<Settings, SettingsError> {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from(path).required(required))
+            .add_source(
+                config::Environment::with_prefix("QUOTA")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        fn invalid(key: &'static str, problem: impl Into<String>) -> SettingsError {
+            SettingsError::Invalid {
+                key,
+                problem: problem.into(),
+            }
+        }
+        let url = &self.database.url;
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid("database.url", "must start with sqlite: or postgres://"));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if !(self.amqp.url.starts_with("amqp://") || self.amqp.url.starts_with("amqps://")) {
+            return Err(invalid("amqp.url", "must start with amqp://"));
+        }
+        if !(1..=999).contains(&self.amqp.shards) {
+            return Err(invalid("amqp.shards", "must be between 1 and 999"));
+        }
+        if self.http.bind.parse::<SocketAddr>().is_err() {
+            return Err(invalid("http.bind", format!("{:?} is not an address such as 127.0.0.1:8080", self.http.bind)));
+        }
+        if self.http.max_body_bytes < 256 {
+            return Err(invalid("http.max_body_bytes", "must be at least 256"));
+        }
+        if self.admin.password.as_deref() == Some("") {
+            return Err(invalid("admin.password", "must not be empty (leave it unset to disable admin routes)"));
+        }
+        if self.scheduler.interval_ms == 0 {
+            return Err(invalid("scheduler.interval_ms", "must be at least 1"));
+        }
+        if self.ingest.batch_size == 0 {
+            return Err(invalid("ingest.batch_size", "must be at least 1"));
+        }
+        if usize::from(self.amqp.prefetch) <= self.ingest.batch_size {
+            return Err(invalid("amqp.prefetch", "must be greater than ingest.batch_size, or batches never fill"));
+        }
+        if self.ingest.flush_interval_ms == 0 {
+            return Err(invalid("ingest.flush_interval_ms", "must be at least 1"));
+        }
+        if self.ingest.event_retention_days == 0 {
+            return Err(invalid("ingest.event_retention_days", "must be at least 1"));
+        }
+        if self.actors.idle_timeout_secs == 0 {
+            return Err(invalid("actors.idle_timeout_secs", "must be at least 1"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", format!("{:?} is not a tracing filter", self.log.level)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_spec() {
+        let settings = Settings::default();
+        settings.validate().unwrap();
+        assert_eq!(settings.database.url, "sqlite://quota.db?mode=rwc");
+        assert_eq!(settings.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(settings.http.bind, "127.0.0.1:8080");
+        assert_eq!(settings.admin.password, None);
+        assert_eq!(settings.scheduler.interval_ms, 60_000);
+        assert_eq!(settings.check.unknown_key, UnknownKeyPolicy::Allow);
+    }
+
+    #[test]
+    fn prefetch_must_exceed_batch_size() {
+        let mut settings = Settings::default();
+        settings.ingest.batch_size = 20_000;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("amqp.prefetch"), "{error}");
+    }
+}

@@ -1,0 +1,148 @@
+//! `Application::build`: the one startup path of `main` and the tests (database, actors, AMQP, HTTP).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use sea_orm::DatabaseConnection;
+use tracing_actix_web::TracingLogger;
+
+use crate::actors::registry::KeyRegistry;
+use crate::clock::SharedClock;
+use crate::db;
+use crate::http::{self, AppState};
+use crate::readiness::{BrokerState, Readiness};
+use crate::settings::Settings;
+
+/// A built, listening application.
+pub struct Application {
+    port: u16,
+    server: Server,
+    db: DatabaseConnection,
+    registry: KeyRegistry,
+}
+
+impl Application {
+    /// Connects the database (applying migrations), starts the actors and binds HTTP.
+    pub async fn build(settings: Settings, clock: SharedClock) -> anyhow::Result<Application> {
+        let db = db::connect_and_migrate(&settings.database)
+            .await
+            .context("Failed to open the database and apply migrations")?;
+        if settings.admin.password.is_none() {
+            tracing::warn!(
+                "admin routes are disabled (503): set admin.password in config.toml or QUOTA__ADMIN__PASSWORD"
+            );
+        }
+        let readiness = Arc::new(Readiness::new(BrokerState::NotConfigured));
+        let registry = KeyRegistry::start(
+            db.clone(),
+            clock.clone(),
+            settings.check.unknown_key,
+            Duration::from_secs(settings.actors.idle_timeout_secs),
+            settings.actors.arbiters,
+        );
+        let state = web::Data::new(AppState {
+            db: db.clone(),
+            clock,
+            admin_password: settings.admin.password.clone(),
+            max_body_bytes: settings.http.max_body_bytes,
+            metrics: crate::metrics::prometheus_handle(),
+            readiness,
+            registry: registry.clone(),
+        });
+        let listener = TcpListener::bind(&settings.http.bind)
+            .with_context(|| format!("Failed to bind HTTP on {}", settings.http.bind))?;
+        let port = listener.local_addr().context("Failed to read the bound address")?.port();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .wrap(http::json_error_bodies())
+                .wrap(TracingLogger::default())
+                .app_data(state.clone())
+                .configure(http::routes)
+                .default_service(web::to(|| async {
+                    http::errors::json_error(actix_web::http::StatusCode::NOT_FOUND, "no such route")
+                }))
+        })
+        // Signals are handled by `run_until_stopped`, which flushes before the server stops.
+        .disable_signals()
+        .shutdown_timeout(5);
+        if settings.http.workers > 0 {
+            server = server.workers(settings.http.workers);
+        }
+        let server = server
+            .listen(listener)
+            .context("Failed to listen for HTTP")?
+            .run();
+        tracing::info!(port, database = %redact(&settings.database.url), "quota-keeper listening");
+        Ok(Application {
+            port,
+            server,
+            db,
+            registry,
+        })
+    }
+
+    /// The bound HTTP port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub fn registry(&self) -> &KeyRegistry {
+        &self.registry
+    }
+
+    /// Serves until SIGTERM or SIGINT, then stops gracefully.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(wait_for_shutdown_signal()).await
+    }
+
+    /// Serves until `shutdown` completes, then stops gracefully.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let server = actix_web::rt::spawn(self.server);
+        shutdown.await;
+        tracing::info!("shutdown requested, stopping");
+        handle.stop(true).await;
+        let _ = server.await;
+        self.registry.shutdown();
+        let _ = self.db.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn wait_for_shutdown_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the service");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// A URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &credentials[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,10 +1,12 @@
 //! quota-keeper: a monthly token quota per API key, enforced from memory by one actor per key.
 
 pub mod actors;
+pub mod amqp;
 pub mod clock;
 pub mod db;
 pub mod domain;
 pub mod http;
+pub mod ingest;
 pub mod metrics;
 pub mod readiness;
 pub mod settings;

@@ -49,6 +49,8 @@ impl Default for DatabaseSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
+    /// `false` runs without a broker: HTTP only, no usage ingestion (tests of the HTTP layer).
+    pub enabled: bool,
     pub url: String,
     /// Number of shard queues; fixed per cluster (changing it moves keys between queues).
     pub shards: u16,
@@ -63,6 +65,7 @@ pub struct AmqpSettings {
 impl Default for AmqpSettings {
     fn default() -> Self {
         AmqpSettings {
+            enabled: true,
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             shards: 16,
             prefetch: 10_000,

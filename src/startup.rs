@@ -10,12 +10,22 @@ use anyhow::Context;
 use sea_orm::DatabaseConnection;
 use tracing_actix_web::TracingLogger;
 
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
 use crate::actors::registry::KeyRegistry;
+use crate::amqp::AmqpService;
+use crate::ingest::BatchWriter;
 use crate::clock::SharedClock;
 use crate::db;
 use crate::http::{self, AppState};
 use crate::readiness::{BrokerState, Readiness};
 use crate::settings::Settings;
+
+/// Longest wait for the consumers to stop and hand over what they received (within the 10 s budget).
+const CONSUMER_STOP_TIMEOUT: Duration = Duration::from_secs(6);
+/// Longest wait for the last batch to commit after the consumers stopped.
+const WRITER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A built, listening application.
 pub struct Application {
@@ -23,6 +33,10 @@ pub struct Application {
     server: Server,
     db: DatabaseConnection,
     registry: KeyRegistry,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+    amqp_task: Option<JoinHandle<()>>,
+    writer_task: JoinHandle<()>,
 }
 
 impl Application {
@@ -36,7 +50,11 @@ impl Application {
                 "admin routes are disabled (503): set admin.password in config.toml or QUOTA__ADMIN__PASSWORD"
             );
         }
-        let readiness = Arc::new(Readiness::new(BrokerState::NotConfigured));
+        let readiness = Arc::new(Readiness::new(if settings.amqp.enabled {
+            BrokerState::Down("connecting".into())
+        } else {
+            BrokerState::NotConfigured
+        }));
         let registry = KeyRegistry::start(
             db.clone(),
             clock.clone(),
@@ -44,13 +62,36 @@ impl Application {
             Duration::from_secs(settings.actors.idle_timeout_secs),
             settings.actors.arbiters,
         );
+        let (writer, writer_task) = BatchWriter {
+            db: db.clone(),
+            clock: clock.clone(),
+            registry: registry.clone(),
+            readiness: readiness.clone(),
+            settings: settings.ingest.clone(),
+        }
+        .spawn();
+        let shutdown = CancellationToken::new();
+        let amqp_task = settings.amqp.enabled.then(|| {
+            tokio::spawn(
+                AmqpService {
+                    settings: settings.amqp.clone(),
+                    registry: registry.clone(),
+                    writer: writer.clone(),
+                    readiness: readiness.clone(),
+                    clock: clock.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .run(),
+            )
+        });
+        drop(writer);
         let state = web::Data::new(AppState {
             db: db.clone(),
             clock,
             admin_password: settings.admin.password.clone(),
             max_body_bytes: settings.http.max_body_bytes,
             metrics: crate::metrics::prometheus_handle(),
-            readiness,
+            readiness: readiness.clone(),
             registry: registry.clone(),
         });
         let listener = TcpListener::bind(&settings.http.bind)
@@ -82,6 +123,10 @@ impl Application {
             server,
             db,
             registry,
+            readiness,
+            shutdown,
+            amqp_task,
+            writer_task,
         })
     }
 
@@ -98,6 +143,10 @@ impl Application {
         &self.registry
     }
 
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
+    }
+
     /// Serves until SIGTERM or SIGINT, then stops gracefully.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.run_until(wait_for_shutdown_signal()).await
@@ -108,7 +157,17 @@ impl Application {
         let handle = self.server.handle();
         let server = actix_web::rt::spawn(self.server);
         shutdown.await;
-        tracing::info!("shutdown requested, stopping");
+        tracing::info!("shutdown requested: stop consuming, commit, acknowledge");
+        self.shutdown.cancel();
+        if let Some(amqp_task) = self.amqp_task {
+            if tokio::time::timeout(CONSUMER_STOP_TIMEOUT, amqp_task).await.is_err() {
+                tracing::warn!("consumers did not stop in time; unacknowledged events will be redelivered");
+            }
+        }
+        // The consumers held the last writer handles: the writer commits what it has and ends.
+        if tokio::time::timeout(WRITER_STOP_TIMEOUT, self.writer_task).await.is_err() {
+            tracing::warn!("the last batch was not committed in time; it will be redelivered");
+        }
         handle.stop(true).await;
         let _ = server.await;
         self.registry.shutdown();

@@ -1,13 +1,16 @@
 //! `KeyActor`: the single writer of one key's quota state, answering checks from memory.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use chrono::{DateTime, Utc};
 use entity::api_keys::Model;
 
 use super::registry::RegistryShared;
 use crate::db::api_keys::{self, KeyChange};
+use crate::db::usage::CommittedCounter;
 use crate::domain::check::CheckReply;
 use crate::domain::quota::QuotaState;
 use crate::settings::UnknownKeyPolicy;
@@ -48,21 +51,91 @@ pub struct DeleteKey {
     pub username: String,
 }
 
+/// Count a validated usage event in memory at once, until the batch writer commits it.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "Result<UsageRecorded, KeyError>")]
+pub struct RecordUsage {
+    pub tokens: i64,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Tokens an actor holds as pending for one event; released when its batch commits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingTicket {
+    /// Which incarnation of the actor holds them: a newer actor never had them.
+    pub generation: u64,
+    /// The window they were counted in.
+    pub window_end: DateTime<Utc>,
+    pub tokens: i64,
+}
+
+/// How a usage event was taken in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageRecorded {
+    /// Counted as pending in the current window.
+    Pending(PendingTicket),
+    /// A late event (or zero tokens): nothing pending, the batch writer files it.
+    NotPending,
+    /// The key does not exist.
+    UnknownKey,
+}
+
+/// A batch committed: release its pending tokens and adopt the committed counter.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct UsageCommitted {
+    pub released: Vec<PendingTicket>,
+    pub counter: Option<CommittedCounter>,
+}
+
 /// Stop now (the key was created or changed behind the actor's back).
 #[derive(Clone, Copy, Debug, Message)]
 #[rtype(result = "()")]
 pub struct StopKeyActor;
 
+/// Source of actor generations, unique for the life of the process.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// A resident key: the committed counter plus what is consumed but not yet committed.
+struct Resident {
+    username: Box<str>,
+    quota: Option<i64>,
+    committed: i64,
+    pending: i64,
+    reset_at: DateTime<Utc>,
+}
+
+impl Resident {
+    fn view(&self) -> QuotaState {
+        QuotaState {
+            quota: self.quota,
+            used: self.committed + self.pending,
+            reset_at: self.reset_at,
+        }
+    }
+
+    /// Lazy rollover: a lapsed window starts afresh (pending tokens belong to the closed one).
+    fn roll_over_if_lapsed(&mut self, now: DateTime<Utc>) {
+        let mut view = self.view();
+        if view.roll_over_if_lapsed(now).is_some() {
+            self.committed = 0;
+            self.pending = 0;
+            self.reset_at = view.reset_at;
+        }
+    }
+}
+
 /// What the actor knows about its key.
 enum KeyState {
     Loading,
-    Resident { username: Box<str>, quota: QuotaState },
+    Resident(Resident),
     Unknown,
     LoadFailed(String),
 }
 
 pub struct KeyActor {
     id: i64,
+    generation: u64,
     state: KeyState,
     last_activity: Instant,
     shared: Arc<RegistryShared>,
@@ -72,21 +145,34 @@ impl KeyActor {
     pub(crate) fn new(id: i64, shared: Arc<RegistryShared>) -> Self {
         KeyActor {
             id,
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             state: KeyState::Loading,
             last_activity: Instant::now(),
             shared,
         }
     }
 
+    /// Adopts the stored key, keeping tokens still pending in the same window.
     fn become_resident(&mut self, key: Model) {
-        self.state = KeyState::Resident {
-            username: key.username.into_boxed_str(),
-            quota: QuotaState {
-                quota: key.token_quota_monthly,
-                used: key.tokens_used_this_month,
-                reset_at: key.quota_reset_at,
-            },
+        let pending = match &self.state {
+            KeyState::Resident(resident) if resident.reset_at == key.quota_reset_at => resident.pending,
+            _ => 0,
         };
+        self.state = KeyState::Resident(Resident {
+            username: key.username.into_boxed_str(),
+            quota: key.token_quota_monthly,
+            committed: key.tokens_used_this_month,
+            pending,
+            reset_at: key.quota_reset_at,
+        });
+    }
+
+    fn owned_by(&self, username: &str) -> bool {
+        matches!(&self.state, KeyState::Resident(resident) if *resident.username == *username)
+    }
+
+    fn has_pending(&self) -> bool {
+        matches!(&self.state, KeyState::Resident(resident) if resident.pending != 0)
     }
 
     fn unavailable(&self) -> Option<KeyError> {
@@ -124,7 +210,8 @@ impl Actor for KeyActor {
         let idle_timeout = self.shared.idle_timeout;
         let sweep_every = (idle_timeout / 2).max(Duration::from_millis(100));
         ctx.run_interval(sweep_every, move |actor, ctx| {
-            if actor.last_activity.elapsed() >= idle_timeout {
+            // Pending tokens would be forgotten with the actor: stay until they are committed.
+            if actor.last_activity.elapsed() >= idle_timeout && !actor.has_pending() {
                 ctx.stop();
             }
         });
@@ -146,9 +233,9 @@ impl Handler<CheckQuota> for KeyActor {
         }
         let now = self.shared.clock.now();
         match &mut self.state {
-            KeyState::Resident { quota, .. } => {
-                quota.roll_over_if_lapsed(now);
-                Ok(CheckReply::for_known_key(self.id, quota, msg.estimate))
+            KeyState::Resident(resident) => {
+                resident.roll_over_if_lapsed(now);
+                Ok(CheckReply::for_known_key(self.id, &resident.view(), msg.estimate))
             }
             _ => Ok(CheckReply::for_unknown_key(
                 self.id,
@@ -163,7 +250,7 @@ impl Handler<UpdateKey> for KeyActor {
 
     fn handle(&mut self, msg: UpdateKey, _: &mut Self::Context) -> Self::Result {
         self.last_activity = Instant::now();
-        let owned = matches!(&self.state, KeyState::Resident { username, .. } if **username == *msg.username);
+        let owned = self.owned_by(&msg.username);
         let failed = self.unavailable();
         let db = self.shared.db.clone();
         let now = self.shared.clock.now();
@@ -184,6 +271,7 @@ impl Handler<UpdateKey> for KeyActor {
             .into_actor(self)
             .map(|result, actor, _| {
                 if let Ok(Some(key)) = &result {
+                    // Pending tokens stay: their batch commits after the change and the stored counter includes them.
                     actor.become_resident(key.clone());
                 }
                 result
@@ -196,7 +284,7 @@ impl Handler<DeleteKey> for KeyActor {
     type Result = AtomicResponse<Self, Result<bool, KeyError>>;
 
     fn handle(&mut self, msg: DeleteKey, _: &mut Self::Context) -> Self::Result {
-        let owned = matches!(&self.state, KeyState::Resident { username, .. } if **username == *msg.username);
+        let owned = self.owned_by(&msg.username);
         let failed = self.unavailable();
         let db = self.shared.db.clone();
         let id = self.id;
@@ -221,6 +309,58 @@ impl Handler<DeleteKey> for KeyActor {
                 result
             }),
         ))
+    }
+}
+
+impl Handler<RecordUsage> for KeyActor {
+    type Result = Result<UsageRecorded, KeyError>;
+
+    fn handle(&mut self, msg: RecordUsage, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        if let Some(error) = self.unavailable() {
+            return Err(error);
+        }
+        let now = self.shared.clock.now();
+        let KeyState::Resident(resident) = &mut self.state else {
+            return Ok(UsageRecorded::UnknownKey);
+        };
+        resident.roll_over_if_lapsed(now);
+        // Late events (window already closed) never touch the current counter.
+        let in_current_window = crate::domain::window::next_window_start(msg.occurred_at) >= resident.reset_at;
+        if msg.tokens == 0 || !in_current_window {
+            return Ok(UsageRecorded::NotPending);
+        }
+        resident.pending += msg.tokens;
+        Ok(UsageRecorded::Pending(PendingTicket {
+            generation: self.generation,
+            window_end: resident.reset_at,
+            tokens: msg.tokens,
+        }))
+    }
+}
+
+impl Handler<UsageCommitted> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: UsageCommitted, _: &mut Self::Context) {
+        let KeyState::Resident(resident) = &mut self.state else {
+            return;
+        };
+        for ticket in msg.released {
+            if ticket.generation == self.generation && ticket.window_end == resident.reset_at {
+                resident.pending -= ticket.tokens;
+            }
+        }
+        if let Some(counter) = msg.counter {
+            if counter.reset_at == resident.reset_at {
+                resident.committed = counter.used;
+            } else if counter.reset_at > resident.reset_at {
+                // The database is in a newer window than this actor: adopt it.
+                resident.committed = counter.used;
+                resident.pending = 0;
+                resident.reset_at = counter.reset_at;
+            }
+        }
     }
 }
 

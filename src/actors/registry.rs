@@ -8,7 +8,10 @@ use actix::prelude::*;
 use entity::api_keys::Model;
 use sea_orm::DatabaseConnection;
 
-use super::key_actor::{CheckQuota, DeleteKey, KeyActor, KeyError, StopKeyActor, UpdateKey};
+use super::key_actor::{
+    CheckQuota, DeleteKey, KeyActor, KeyError, RecordUsage, StopKeyActor, UpdateKey, UsageCommitted,
+    UsageRecorded,
+};
 use crate::clock::SharedClock;
 use crate::db::api_keys::KeyChange;
 use crate::domain::check::CheckReply;
@@ -156,6 +159,30 @@ impl KeyRegistry {
         .await
     }
 
+    /// Counts a usage event in the key's memory at once ("read your usage").
+    pub async fn record_usage(
+        &self,
+        id: i64,
+        tokens: i64,
+        occurred_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<UsageRecorded, KeyError> {
+        self.send(id, RecordUsage { tokens, occurred_at }).await
+    }
+
+    /// Tells the actor of `id`, if resident, what its batch committed; a non-resident key loads fresh anyway.
+    pub fn notify_committed(&self, id: i64, committed: UsageCommitted) {
+        let addr = self
+            .shared
+            .stripe(id)
+            .lock()
+            .expect("registry stripes are never held across a panic")
+            .get(&id)
+            .cloned();
+        if let Some(addr) = addr {
+            addr.do_send(committed);
+        }
+    }
+
     /// Drops the resident actor of `id`, if any, so the next request loads the key afresh.
     pub fn invalidate(&self, id: i64) {
         let addr = self
@@ -180,6 +207,14 @@ impl KeyRegistry {
 
     /// Stops every key actor and the arbiters that run them.
     pub fn shutdown(&self) {
+        self.evict_all();
+        for arbiter in &self.shared.arbiters {
+            arbiter.stop();
+        }
+    }
+
+    /// Stops every key actor; the next request of each key loads it from the database.
+    pub fn evict_all(&self) {
         for stripe in &self.shared.stripes {
             let actors: Vec<_> = stripe
                 .lock()
@@ -190,9 +225,6 @@ impl KeyRegistry {
             for addr in actors {
                 addr.do_send(StopKeyActor);
             }
-        }
-        for arbiter in &self.shared.arbiters {
-            arbiter.stop();
         }
     }
 }

@@ -89,6 +89,21 @@ impl CheckReply {
         }
     }
 
+    /// The reply when the key's state cannot be read (not resident and the database is down).
+    pub fn unavailable(api_key_id: i64, reason: impl std::fmt::Display) -> Self {
+        CheckReply {
+            api_key_id: Some(api_key_id),
+            known: false,
+            allowed: false,
+            status: 503,
+            token_quota_monthly: None,
+            tokens_used_this_month: 0,
+            remaining: None,
+            quota_reset_at: None,
+            detail: Some(reason.to_string()),
+        }
+    }
+
     /// The reply to a request that could not be understood.
     pub fn malformed(api_key_id: Option<i64>, rejection: &Rejection) -> Self {
         CheckReply {

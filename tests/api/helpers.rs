@@ -4,9 +4,10 @@ use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
 use quota_keeper::clock::ManualClock;
+use quota_keeper::readiness::{BrokerState, Readiness};
 use quota_keeper::settings::Settings;
 use quota_keeper::startup::Application;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, EntityTrait, Statement};
 use serde_json::Value;
 
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
@@ -121,6 +122,8 @@ pub struct TestApp {
     pub clock: Arc<ManualClock>,
     pub client: reqwest::Client,
     pub settings: Settings,
+    pub readiness: Arc<Readiness>,
+    pub vhost: Option<TestVhost>,
     _database: TestDatabase,
 }
 
@@ -132,6 +135,12 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings.http.bind = "127.0.0.1:0".into();
     settings.http.workers = 1;
     settings.admin.password = Some(ADMIN_PASSWORD.into());
+    // Tests that need the broker turn it on with their own vhost (`spawn_app_with_broker`).
+    settings.amqp.enabled = false;
+    settings.amqp.shards = 4;
+    settings.amqp.prefetch = 2_000;
+    settings.amqp.reconnect_max_backoff_ms = 1_000;
+    settings.ingest.flush_interval_ms = 50;
     settings
 }
 
@@ -151,6 +160,7 @@ pub async fn spawn_app_on(backend: Backend, customize: impl FnOnce(&mut Settings
         .expect("the application builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let db = app.db().clone();
+    let readiness = app.readiness();
     actix_web::rt::spawn(app.run_until(std::future::pending()));
     TestApp {
         address,
@@ -158,11 +168,102 @@ pub async fn spawn_app_on(backend: Backend, customize: impl FnOnce(&mut Settings
         clock,
         client: reqwest::Client::new(),
         settings,
+        readiness,
+        vhost: None,
         _database: database,
     }
 }
 
+/// Spawns the application with the broker on a vhost of its own, and waits until it consumes.
+pub async fn spawn_app_with_broker(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    let vhost = TestVhost::create();
+    let url = vhost.url();
+    let mut app = spawn_app_on(Backend::Postgres, |settings| {
+        settings.amqp.enabled = true;
+        settings.amqp.url = url;
+        customize(settings);
+    })
+    .await;
+    app.vhost = Some(vhost);
+    app.wait_until_consuming().await;
+    app
+}
+
+/// A RabbitMQ vhost that exists for one test.
+pub struct TestVhost {
+    pub name: String,
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs (tests run as root next to the broker)");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl TestVhost {
+    pub fn create() -> TestVhost {
+        let name = format!("qk_test_{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        TestVhost { name }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.name])
+            .output();
+    }
+}
+
+/// Polls `probe` every 20 ms until it yields `Some`, for at most `within`.
+pub async fn eventually<T, F, Fut>(within: std::time::Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 impl TestApp {
+    pub async fn wait_until_consuming(&self) {
+        let readiness = self.readiness.clone();
+        eventually(std::time::Duration::from_secs(20), "the broker to be consumed", || {
+            let state = readiness.broker();
+            async move { (state == BrokerState::Consuming).then_some(()) }
+        })
+        .await;
+    }
+
+    /// The committed counter of a key, read from the database.
+    pub async fn stored_usage(&self, id: i64) -> i64 {
+        entity::api_keys::Entity::find_by_id(id)
+            .one(&self.db)
+            .await
+            .expect("the database answers")
+            .expect("the key exists")
+            .tokens_used_this_month
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }

@@ -1,6 +1,8 @@
 //! Integration tests against the real PostgreSQL, SQLite and RabbitMQ of this machine.
 
 mod admin;
+mod broker;
+mod checks;
 mod helpers;
 mod ops;
 mod storage;

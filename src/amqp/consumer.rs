@@ -1,0 +1,166 @@
+//! One delivery from a shard queue: answer a check, or take a usage event in (or dead-letter it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+
+use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
+use crate::actors::key_actor::UsageRecorded;
+use crate::actors::registry::KeyRegistry;
+use crate::clock::SharedClock;
+use crate::domain::check::{decode_check_request, CheckReply};
+use crate::domain::usage::{decode_usage_event, Rejection};
+use crate::ingest::{BatchWriterHandle, ConsumedEvent};
+use crate::metrics as names;
+
+/// Pause before a delivery whose dead-lettering failed is handed back to the broker.
+const DEAD_LETTER_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// AMQP delivery mode of persistent messages.
+const PERSISTENT: u8 = 2;
+
+/// What handling a delivery needs; one per broker session.
+pub struct DeliveryContext {
+    pub registry: KeyRegistry,
+    pub writer: BatchWriterHandle,
+    /// Plain channel for check replies.
+    pub replies: Channel,
+    /// Channel in confirm mode: a refused message is acknowledged only once its dead letter is stored.
+    pub dead_letters: Channel,
+    pub clock: SharedClock,
+}
+
+/// Routes a delivery by the exchange the client published to.
+pub async fn handle_delivery(delivery: Delivery, context: Arc<DeliveryContext>) {
+    let is_check = match delivery.exchange.as_str() {
+        CHECK_EXCHANGE => true,
+        USAGE_EXCHANGE => false,
+        // Published straight to a shard queue: a request names where to reply, an event does not.
+        _ => delivery.properties.reply_to().is_some(),
+    };
+    if is_check {
+        answer_check(delivery, &context).await;
+    } else {
+        take_usage(delivery, &context).await;
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+        tracing::debug!(%error, "ack failed; the delivery will come again");
+    }
+}
+
+/// Answers a check to its `reply_to`, echoing `correlation_id`; acknowledges after replying.
+async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
+    let Some(reply_to) = delivery.properties.reply_to().clone() else {
+        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "no_reply_to").increment(1);
+        tracing::debug!("check request without reply_to dropped");
+        ack(&delivery).await;
+        return;
+    };
+    let reply = match decode_check_request(&delivery.data) {
+        Ok(request) => match context.registry.check(request.api_key_id, request.tokens).await {
+            Ok(reply) => reply,
+            Err(error) => CheckReply::unavailable(request.api_key_id, error),
+        },
+        Err(rejection) => {
+            metrics::counter!(names::CHECKS_TOTAL, "outcome" => "malformed").increment(1);
+            CheckReply::malformed(None, &rejection)
+        }
+    };
+    let body = serde_json::to_vec(&reply).expect("a CheckReply always serializes");
+    let mut properties = BasicProperties::default().with_content_type("application/json".into());
+    if let Some(correlation_id) = delivery.properties.correlation_id() {
+        properties = properties.with_correlation_id(correlation_id.clone());
+    }
+    let published = context
+        .replies
+        .basic_publish("".into(), reply_to, BasicPublishOptions::default(), &body, properties)
+        .await;
+    if let Err(error) = published {
+        tracing::warn!(%error, "check reply not sent");
+    }
+    ack(&delivery).await;
+}
+
+/// Validates a usage event, counts it in its key's memory and hands it to the batch writer.
+async fn take_usage(delivery: Delivery, context: &DeliveryContext) {
+    let event = match decode_usage_event(&delivery.data, context.clock.now()) {
+        Ok(event) => event,
+        Err(rejection) => return dead_letter(delivery, rejection, context).await,
+    };
+    if event.tokens == 0 {
+        metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
+        ack(&delivery).await;
+        return;
+    }
+    let ticket = match context
+        .registry
+        .record_usage(event.api_key_id, event.tokens, event.occurred_at)
+        .await
+    {
+        Ok(UsageRecorded::UnknownKey) => {
+            metrics::counter!(names::USAGE_UNKNOWN_KEY_TOTAL).increment(1);
+            ack(&delivery).await;
+            return;
+        }
+        Ok(UsageRecorded::Pending(ticket)) => Some(ticket),
+        Ok(UsageRecorded::NotPending) => None,
+        // The key could not be loaded: the batch writer finds out whether it exists.
+        Err(_) => None,
+    };
+    context.writer.submit(ConsumedEvent {
+        event,
+        ticket,
+        acker: delivery.acker,
+    });
+}
+
+/// Stores the message in `quota.usage.dead` with the reason, then acknowledges the original.
+async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &DeliveryContext) {
+    tracing::info!(reason = %rejection, "usage message dead-lettered");
+    metrics::counter!(names::USAGE_DEAD_LETTERED_TOTAL).increment(1);
+    let mut headers = delivery.properties.headers().clone().unwrap_or_else(FieldTable::default);
+    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(rejection.to_string().into()));
+    headers.insert(
+        "x-quota-original-exchange".into(),
+        AMQPValue::LongString(delivery.exchange.as_str().into()),
+    );
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(PERSISTENT);
+    let stored = async {
+        context
+            .dead_letters
+            .basic_publish(
+                "".into(),
+                DEAD_LETTER_QUEUE.into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await
+    }
+    .await;
+    match stored {
+        Ok(confirmation) if !confirmation.is_nack() => ack(&delivery).await,
+        outcome => {
+            tracing::warn!(?outcome, "dead letter not stored; handing the message back");
+            tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! One batch of usage events in one transaction: dedupe event ids, roll lapsed keys, add per-key sums.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use entity::{api_keys, processed_events, usage_history};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionSession, TransactionTrait,
+};
+
+use crate::domain::quota::QuotaState;
+use crate::domain::usage::UsageEvent;
+use crate::domain::window::{window_containing, Window};
+
+/// A key's counter after the batch committed, for its actor to adopt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommittedCounter {
+    pub api_key_id: i64,
+    pub used: i64,
+    pub reset_at: DateTime<Utc>,
+}
+
+/// What a committed batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events counted for the first time.
+    pub counted: usize,
+    /// Events whose id was already counted (or appeared twice in the batch).
+    pub duplicates: usize,
+    /// Events of keys that do not exist; acknowledged, not counted.
+    pub unknown_key: usize,
+    /// Events added to a closed window's history.
+    pub late: usize,
+    /// Counters of every existing key the batch touched.
+    pub counters: Vec<CommittedCounter>,
+}
+
+/// Commits `events` at `now` in one transaction; see the module doc for the steps.
+pub async fn commit_batch<C>(db: &C, events: &[&UsageEvent], now: DateTime<Utc>) -> Result<BatchOutcome, DbErr>
+where
+    C: TransactionTrait,
+{
+    let txn = db.begin().await?;
+    let outcome = apply_batch(&txn, events, now).await?;
+    txn.commit().await?;
+    Ok(outcome)
+}
+
+async fn apply_batch(
+    txn: &impl ConnectionTrait,
+    events: &[&UsageEvent],
+    now: DateTime<Utc>,
+) -> Result<BatchOutcome, DbErr> {
+    let mut outcome = BatchOutcome::default();
+    // 1. Dedupe inside the batch, then against every id ever committed: only newly inserted ids count.
+    let mut seen = HashSet::with_capacity(events.len());
+    let unique: Vec<&UsageEvent> = events
+        .iter()
+        .copied()
+        .filter(|event| seen.insert(event.event_id.as_str()))
+        .collect();
+    outcome.duplicates = events.len() - unique.len();
+    let new_ids = insert_new_event_ids(txn, &unique, now).await?;
+    let fresh: Vec<&UsageEvent> = unique
+        .into_iter()
+        .filter(|event| new_ids.contains(event.event_id.as_str()))
+        .collect();
+    outcome.duplicates += seen.len() - fresh.len();
+    if fresh.is_empty() {
+        return Ok(outcome);
+    }
+
+    // 2. Tokens per key and window; keys in ascending order so concurrent writers lock alike.
+    let mut per_key: BTreeMap<i64, BTreeMap<Window, (i64, usize)>> = BTreeMap::new();
+    for event in &fresh {
+        if event.tokens == 0 {
+            outcome.counted += 1;
+            continue;
+        }
+        let entry = per_key
+            .entry(event.api_key_id)
+            .or_default()
+            .entry(window_containing(event.occurred_at))
+            .or_default();
+        entry.0 += event.tokens;
+        entry.1 += 1;
+    }
+    let mut rows = api_keys::Entity::find()
+        .filter(api_keys::Column::Id.is_in(per_key.keys().copied()))
+        .order_by_asc(api_keys::Column::Id);
+    if txn.get_database_backend() == DbBackend::Postgres {
+        rows = rows.lock_exclusive();
+    }
+    let rows: HashMap<i64, api_keys::Model> = rows.all(txn).await?.into_iter().map(|row| (row.id, row)).collect();
+
+    // 3. Decide, per key, what goes to the current counter and what to closed windows.
+    let mut increments: Vec<(i64, i64)> = Vec::new();
+    let mut rolled: Vec<CommittedCounter> = Vec::new();
+    let mut history: BTreeMap<(i64, Window), i64> = BTreeMap::new();
+    for (&key_id, windows) in &per_key {
+        let Some(row) = rows.get(&key_id) else {
+            outcome.unknown_key += windows.values().map(|(_, count)| count).sum::<usize>();
+            continue;
+        };
+        let mut state = QuotaState {
+            quota: row.token_quota_monthly,
+            used: row.tokens_used_this_month,
+            reset_at: row.quota_reset_at,
+        };
+        let closed = state.roll_over_if_lapsed(now);
+        if let Some(closed) = closed {
+            *history.entry((key_id, closed.window)).or_default() += closed.tokens;
+        }
+        let mut current_delta = 0;
+        for (window, (tokens, count)) in windows {
+            outcome.counted += count;
+            if window.end >= state.reset_at {
+                // The current window, or a future one: counts now.
+                current_delta += tokens;
+            } else {
+                outcome.late += count;
+                *history.entry((key_id, *window)).or_default() += tokens;
+            }
+        }
+        if closed.is_some() {
+            rolled.push(CommittedCounter {
+                api_key_id: key_id,
+                used: current_delta,
+                reset_at: state.reset_at,
+            });
+        } else if current_delta != 0 {
+            increments.push((key_id, current_delta));
+        } else {
+            outcome.counters.push(CommittedCounter {
+                api_key_id: key_id,
+                used: row.tokens_used_this_month,
+                reset_at: row.quota_reset_at,
+            });
+        }
+    }
+
+    // 4. Write: rolled keys get their new window, the others one set-based increment.
+    for counter in &rolled {
+        api_keys::Entity::update_many()
+            .col_expr(api_keys::Column::TokensUsedThisMonth, Expr::value(counter.used))
+            .col_expr(api_keys::Column::QuotaResetAt, Expr::value(counter.reset_at))
+            .filter(api_keys::Column::Id.eq(counter.api_key_id))
+            .exec(txn)
+            .await?;
+    }
+    outcome.counters.extend(rolled);
+    if !increments.is_empty() {
+        outcome.counters.extend(add_to_counters(txn, &increments).await?);
+    }
+    add_to_history(txn, &history).await?;
+    Ok(outcome)
+}
+
+/// Inserts the ids, skipping those already present; returns the ids actually inserted.
+async fn insert_new_event_ids(
+    txn: &impl ConnectionTrait,
+    events: &[&UsageEvent],
+    now: DateTime<Utc>,
+) -> Result<HashSet<String>, DbErr> {
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut insert = Query::insert();
+    insert
+        .into_table(processed_events::Entity)
+        .columns([
+            processed_events::Column::EventId,
+            processed_events::Column::ApiKeyId,
+            processed_events::Column::ProcessedAt,
+        ])
+        .on_conflict(OnConflict::column(processed_events::Column::EventId).do_nothing().to_owned())
+        .returning_col(processed_events::Column::EventId);
+    for event in events {
+        insert.values_panic([
+            event.event_id.clone().into(),
+            event.api_key_id.into(),
+            now.into(),
+        ]);
+    }
+    let rows = txn.query_all(&insert).await?;
+    rows.iter()
+        .map(|row| row.try_get_by_index::<String>(0))
+        .collect::<Result<HashSet<_>, _>>()
+        .map_err(DbErr::from)
+}
+
+/// `used = used + delta` for every key in one statement; returns the new counters.
+async fn add_to_counters(
+    txn: &impl ConnectionTrait,
+    increments: &[(i64, i64)],
+) -> Result<Vec<CommittedCounter>, DbErr> {
+    let mut delta = Expr::case(api_keys::Column::Id.eq(increments[0].0), increments[0].1);
+    for &(key_id, tokens) in &increments[1..] {
+        delta = delta.case(api_keys::Column::Id.eq(key_id), tokens);
+    }
+    let delta = delta.finally(0i64);
+    let mut update = Query::update();
+    update
+        .table(api_keys::Entity)
+        .value(
+            api_keys::Column::TokensUsedThisMonth,
+            Expr::col(api_keys::Column::TokensUsedThisMonth).add(delta),
+        )
+        .and_where(api_keys::Column::Id.is_in(increments.iter().map(|(key_id, _)| *key_id)))
+        .returning(Query::returning().columns([
+            api_keys::Column::Id,
+            api_keys::Column::TokensUsedThisMonth,
+            api_keys::Column::QuotaResetAt,
+        ]));
+    let rows = txn.query_all(&update).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(CommittedCounter {
+                api_key_id: row.try_get_by_index(0)?,
+                used: row.try_get_by_index(1)?,
+                reset_at: row.try_get_by_index(2)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sea_orm::TryGetError>>()
+        .map_err(DbErr::from)
+}
+
+/// Adds tokens to closed windows' history rows, creating them if missing.
+pub(crate) async fn add_to_history(
+    txn: &impl ConnectionTrait,
+    history: &BTreeMap<(i64, Window), i64>,
+) -> Result<(), DbErr> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let mut insert = Query::insert();
+    insert
+        .into_table(usage_history::Entity)
+        .columns([
+            usage_history::Column::ApiKeyId,
+            usage_history::Column::PeriodStart,
+            usage_history::Column::PeriodEnd,
+            usage_history::Column::Tokens,
+        ])
+        .on_conflict(
+            OnConflict::columns([usage_history::Column::ApiKeyId, usage_history::Column::PeriodStart])
+                .value(
+                    usage_history::Column::Tokens,
+                    Expr::col((usage_history::Entity, usage_history::Column::Tokens))
+                        .add(Expr::col((Alias::new("excluded"), usage_history::Column::Tokens))),
+                )
+                .to_owned(),
+        );
+    for ((key_id, window), tokens) in history {
+        insert.values_panic([(*key_id).into(), window.start.into(), window.end.into(), (*tokens).into()]);
+    }
+    txn.execute(&insert).await?;
+    Ok(())
+}

@@ -4,5 +4,6 @@ mod admin;
 mod broker;
 mod checks;
 mod helpers;
+mod ingest;
 mod ops;
 mod storage;

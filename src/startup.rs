@@ -13,7 +13,10 @@ use tracing_actix_web::TracingLogger;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use actix::{Actor, Addr};
+
 use crate::actors::registry::KeyRegistry;
+use crate::actors::scheduler::Scheduler;
 use crate::amqp::AmqpService;
 use crate::ingest::BatchWriter;
 use crate::clock::SharedClock;
@@ -33,6 +36,7 @@ pub struct Application {
     server: Server,
     db: DatabaseConnection,
     registry: KeyRegistry,
+    scheduler: Addr<Scheduler>,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
     amqp_task: Option<JoinHandle<()>>,
@@ -62,6 +66,14 @@ impl Application {
             Duration::from_secs(settings.actors.idle_timeout_secs),
             settings.actors.arbiters,
         );
+        let scheduler = Scheduler {
+            db: db.clone(),
+            clock: clock.clone(),
+            registry: registry.clone(),
+            interval: Duration::from_millis(settings.scheduler.interval_ms),
+            event_retention: chrono::Duration::days(i64::from(settings.ingest.event_retention_days)),
+        }
+        .start();
         let (writer, writer_task) = BatchWriter {
             db: db.clone(),
             clock: clock.clone(),
@@ -123,6 +135,7 @@ impl Application {
             server,
             db,
             registry,
+            scheduler,
             readiness,
             shutdown,
             amqp_task,
@@ -141,6 +154,10 @@ impl Application {
 
     pub fn registry(&self) -> &KeyRegistry {
         &self.registry
+    }
+
+    pub fn scheduler(&self) -> Addr<Scheduler> {
+        self.scheduler.clone()
     }
 
     pub fn readiness(&self) -> Arc<Readiness> {

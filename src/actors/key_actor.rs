@@ -88,6 +88,19 @@ pub struct UsageCommitted {
     pub counter: Option<CommittedCounter>,
 }
 
+/// The scheduler moved the key from the window ending at `closed_reset_at` to the next in the database.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "()")]
+pub struct WindowRolled {
+    pub closed_reset_at: DateTime<Utc>,
+    pub new_reset_at: DateTime<Utc>,
+}
+
+/// The key's current window as the actor sees it (rolled over first); `None` for an unknown key.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "Result<Option<QuotaState>, KeyError>")]
+pub struct DescribeKey;
+
 /// Stop now (the key was created or changed behind the actor's back).
 #[derive(Clone, Copy, Debug, Message)]
 #[rtype(result = "()")]
@@ -360,6 +373,40 @@ impl Handler<UsageCommitted> for KeyActor {
                 resident.pending = 0;
                 resident.reset_at = counter.reset_at;
             }
+        }
+    }
+}
+
+impl Handler<WindowRolled> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: WindowRolled, _: &mut Self::Context) {
+        if let KeyState::Resident(resident) = &mut self.state {
+            // An actor that already rolled over lazily is in the new window and keeps what it counted since.
+            if resident.reset_at == msg.closed_reset_at {
+                resident.committed = 0;
+                resident.pending = 0;
+                resident.reset_at = msg.new_reset_at;
+            }
+        }
+    }
+}
+
+impl Handler<DescribeKey> for KeyActor {
+    type Result = Result<Option<QuotaState>, KeyError>;
+
+    fn handle(&mut self, _: DescribeKey, _: &mut Self::Context) -> Self::Result {
+        self.last_activity = Instant::now();
+        if let Some(error) = self.unavailable() {
+            return Err(error);
+        }
+        let now = self.shared.clock.now();
+        match &mut self.state {
+            KeyState::Resident(resident) => {
+                resident.roll_over_if_lapsed(now);
+                Ok(Some(resident.view()))
+            }
+            _ => Ok(None),
         }
     }
 }

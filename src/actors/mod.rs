@@ -2,3 +2,4 @@
 
 pub mod key_actor;
 pub mod registry;
+pub mod scheduler;

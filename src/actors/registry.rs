@@ -9,9 +9,11 @@ use entity::api_keys::Model;
 use sea_orm::DatabaseConnection;
 
 use super::key_actor::{
-    CheckQuota, DeleteKey, KeyActor, KeyError, RecordUsage, StopKeyActor, UpdateKey, UsageCommitted,
-    UsageRecorded,
+    CheckQuota, DeleteKey, DescribeKey, KeyActor, KeyError, RecordUsage, StopKeyActor, UpdateKey,
+    UsageCommitted, UsageRecorded, WindowRolled,
 };
+use crate::db::rollover::RolledChunk;
+use crate::domain::quota::QuotaState;
 use crate::clock::SharedClock;
 use crate::db::api_keys::KeyChange;
 use crate::domain::check::CheckReply;
@@ -169,18 +171,39 @@ impl KeyRegistry {
         self.send(id, RecordUsage { tokens, occurred_at }).await
     }
 
-    /// Tells the actor of `id`, if resident, what its batch committed; a non-resident key loads fresh anyway.
-    pub fn notify_committed(&self, id: i64, committed: UsageCommitted) {
-        let addr = self
-            .shared
+    /// The actor of `id` if one is running.
+    fn resident(&self, id: i64) -> Option<Addr<KeyActor>> {
+        self.shared
             .stripe(id)
             .lock()
             .expect("registry stripes are never held across a panic")
             .get(&id)
-            .cloned();
-        if let Some(addr) = addr {
+            .cloned()
+    }
+
+    /// Tells the actor of `id`, if resident, what its batch committed; a non-resident key loads fresh anyway.
+    pub fn notify_committed(&self, id: i64, committed: UsageCommitted) {
+        if let Some(addr) = self.resident(id) {
             addr.do_send(committed);
         }
+    }
+
+    /// Tells the resident actors of a rolled chunk that their window moved on.
+    pub fn notify_rolled(&self, chunk: &RolledChunk) {
+        let rolled = WindowRolled {
+            closed_reset_at: chunk.closed_reset_at,
+            new_reset_at: chunk.new_reset_at,
+        };
+        for &id in &chunk.key_ids {
+            if let Some(addr) = self.resident(id) {
+                addr.do_send(rolled);
+            }
+        }
+    }
+
+    /// The current window of key `id` as its actor sees it; `None` if the key does not exist.
+    pub async fn describe(&self, id: i64) -> Result<Option<QuotaState>, KeyError> {
+        self.send(id, DescribeKey).await
     }
 
     /// Drops the resident actor of `id`, if any, so the next request loads the key afresh.

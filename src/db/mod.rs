@@ -1,6 +1,7 @@
 //! Database access: connection with migrations, and query functions over any `ConnectionTrait`.
 
 pub mod api_keys;
+pub mod rollover;
 pub mod usage;
 
 use std::time::Duration;

@@ -6,6 +6,7 @@ pub mod body;
 pub mod check;
 pub mod errors;
 pub mod ops;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -50,7 +51,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .route(web::patch().to(admin::patch_key))
                 .route(web::delete().to(admin::delete_key)),
         )
-        .route("/keys/{id}/check", web::post().to(check::check_key));
+        .route("/keys/{id}/check", web::post().to(check::check_key))
+        .route("/keys/{id}/usage", web::get().to(usage::key_usage));
 }
 
 /// Gives every error response that is not JSON yet (unknown route, wrong method, …) a `{"detail"}` body.

@@ -123,6 +123,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub settings: Settings,
     pub readiness: Arc<Readiness>,
+    pub scheduler: actix::Addr<quota_keeper::actors::scheduler::Scheduler>,
     pub vhost: Option<TestVhost>,
     _database: TestDatabase,
 }
@@ -161,6 +162,7 @@ pub async fn spawn_app_on(backend: Backend, customize: impl FnOnce(&mut Settings
     let address = format!("http://127.0.0.1:{}", app.port());
     let db = app.db().clone();
     let readiness = app.readiness();
+    let scheduler = app.scheduler();
     actix_web::rt::spawn(app.run_until(std::future::pending()));
     TestApp {
         address,
@@ -169,6 +171,7 @@ pub async fn spawn_app_on(backend: Backend, customize: impl FnOnce(&mut Settings
         client: reqwest::Client::new(),
         settings,
         readiness,
+        scheduler,
         vhost: None,
         _database: database,
     }

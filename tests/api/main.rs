@@ -6,4 +6,5 @@ mod checks;
 mod helpers;
 mod ingest;
 mod ops;
+mod rollover;
 mod storage;

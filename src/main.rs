@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use quota_keeper::amqp::publish::{publish_usage, UsageMessage};
 use quota_keeper::clock::SystemClock;
 use quota_keeper::settings::Settings;
 use quota_keeper::startup::Application;
@@ -28,6 +29,21 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Publish one usage event to `quota.usage` with publisher confirms.
+    Publish {
+        /// The API key id.
+        #[arg(long)]
+        key: i64,
+        /// Tokens used.
+        #[arg(long)]
+        tokens: i64,
+        /// Idempotency key; a random UUID when absent.
+        #[arg(long)]
+        event_id: Option<String>,
+        /// RFC 3339 instant of the usage; the service's receipt time when absent.
+        #[arg(long)]
+        occurred_at: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +69,22 @@ fn main() -> ExitCode {
             Command::Migrate => {
                 quota_keeper::db::connect_and_migrate(&settings.database).await?;
                 tracing::info!("migrations applied");
+                Ok(())
+            }
+            Command::Publish {
+                key,
+                tokens,
+                event_id,
+                occurred_at,
+            } => {
+                let message = UsageMessage {
+                    event_id: event_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                    api_key_id: key,
+                    tokens,
+                    occurred_at,
+                };
+                publish_usage(&settings.amqp.url, &message).await?;
+                println!("{}", serde_json::to_string(&message)?);
                 Ok(())
             }
         }

@@ -1,6 +1,7 @@
 //! RabbitMQ: a supervisor that connects, declares the topology, consumes every shard and reconnects with backoff.
 
 pub mod consumer;
+pub mod publish;
 pub mod topology;
 
 use std::sync::Arc;

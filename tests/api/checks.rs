@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::broker::BrokerClient;
+use crate::common::broker::BrokerClient;
 use crate::helpers::{spawn_app_with_broker, TestApp};
 use quota_keeper::settings::UnknownKeyPolicy;
 

@@ -7,11 +7,12 @@ use quota_keeper::clock::ManualClock;
 use quota_keeper::readiness::{BrokerState, Readiness};
 use quota_keeper::settings::Settings;
 use quota_keeper::startup::Application;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, EntityTrait, Statement};
+use sea_orm::{DatabaseConnection, EntityTrait};
+
+pub use crate::common::{eventually, Backend, TestDatabase, TestVhost};
 use serde_json::Value;
 
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
-const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// The instant every test clock starts at.
 pub fn test_now() -> DateTime<Utc> {
@@ -31,88 +32,6 @@ fn init_test_logging() {
             quota_keeper::telemetry::init(&Default::default());
         }
     });
-}
-
-/// Which database a test runs against.
-#[derive(Clone, Copy, Debug)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-/// A database that exists for one test and is dropped after it, even when the test fails.
-pub struct TestDatabase {
-    pub url: String,
-    name: String,
-    backend: Backend,
-}
-
-impl TestDatabase {
-    pub async fn create(backend: Backend) -> TestDatabase {
-        let name = format!("qk_test_{}", uuid::Uuid::new_v4().simple());
-        match backend {
-            Backend::Postgres => {
-                let admin = Database::connect(POSTGRES_ADMIN_URL)
-                    .await
-                    .expect("PostgreSQL must be running on 127.0.0.1:5432 (see .ci/run)");
-                admin
-                    .execute_raw(Statement::from_string(DbBackend::Postgres, format!("CREATE DATABASE {name}")))
-                    .await
-                    .expect("the postgres user may create databases");
-                let _ = admin.close().await;
-                TestDatabase {
-                    url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
-                    name,
-                    backend,
-                }
-            }
-            Backend::Sqlite => TestDatabase {
-                url: format!("sqlite://{}?mode=rwc", sqlite_path(&name)),
-                name,
-                backend,
-            },
-        }
-    }
-}
-
-fn sqlite_path(name: &str) -> String {
-    std::env::temp_dir().join(format!("{name}.db")).display().to_string()
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        match self.backend {
-            Backend::Sqlite => {
-                let path = sqlite_path(&self.name);
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{path}{suffix}"));
-                }
-            }
-            Backend::Postgres => {
-                let name = self.name.clone();
-                // Drop runs inside the test's runtime; a separate thread with its own runtime
-                // can block on the async driver.
-                let dropped = std::thread::spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a current-thread runtime can always be built");
-                    runtime.block_on(async move {
-                        if let Ok(admin) = Database::connect(POSTGRES_ADMIN_URL).await {
-                            let _ = admin
-                                .execute_raw(Statement::from_string(
-                                    DbBackend::Postgres,
-                                    format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-                                ))
-                                .await;
-                            let _ = admin.close().await;
-                        }
-                    })
-                });
-                let _ = dropped.join();
-            }
-        }
-    }
 }
 
 /// A running application and what a test needs to talk to it.
@@ -192,60 +111,6 @@ pub async fn spawn_app_with_broker(customize: impl FnOnce(&mut Settings)) -> Tes
     app
 }
 
-/// A RabbitMQ vhost that exists for one test.
-pub struct TestVhost {
-    pub name: String,
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs (tests run as root next to the broker)");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-impl TestVhost {
-    pub fn create() -> TestVhost {
-        let name = format!("qk_test_{}", uuid::Uuid::new_v4().simple());
-        rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        TestVhost { name }
-    }
-
-    pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
-    }
-}
-
-impl Drop for TestVhost {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "delete_vhost", &self.name])
-            .output();
-    }
-}
-
-/// Polls `probe` every 20 ms until it yields `Some`, for at most `within`.
-pub async fn eventually<T, F, Fut>(within: std::time::Duration, what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
 
 impl TestApp {
     pub async fn wait_until_consuming(&self) {

@@ -6,7 +6,7 @@ use entity::usage_history;
 use sea_orm::EntityTrait;
 use serde_json::{json, Value};
 
-use crate::broker::BrokerClient;
+use crate::common::broker::BrokerClient;
 use crate::helpers::{at, eventually, spawn_app_with_broker, TestApp};
 
 const WAIT: Duration = Duration::from_secs(20);

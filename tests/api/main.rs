@@ -1,7 +1,9 @@
 //! Integration tests against the real PostgreSQL, SQLite and RabbitMQ of this machine.
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod admin;
-mod broker;
 mod checks;
 mod helpers;
 mod ingest;

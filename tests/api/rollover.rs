@@ -8,7 +8,7 @@ use reqwest::Method;
 use sea_orm::{ActiveModelTrait, EntityTrait, QueryOrder, Set};
 use serde_json::{json, Value};
 
-use crate::broker::BrokerClient;
+use crate::common::broker::BrokerClient;
 use crate::helpers::{at, eventually, spawn_app_on, spawn_app_with_broker, Backend, TestApp};
 
 const WAIT: Duration = Duration::from_secs(20);

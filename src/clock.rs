@@ -30,16 +30,24 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(now: DateTime<Utc>) -> Arc<ManualClock> {
-        Arc::new(ManualClock { now: Mutex::new(now) })
+        Arc::new(ManualClock {
+            now: Mutex::new(now),
+        })
     }
 
     pub fn set(&self, now: DateTime<Utc>) {
-        *self.now.lock().expect("clock mutex is never held across a panic") = now;
+        *self
+            .now
+            .lock()
+            .expect("clock mutex is never held across a panic") = now;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
-        *self.now.lock().expect("clock mutex is never held across a panic")
+        *self
+            .now
+            .lock()
+            .expect("clock mutex is never held across a panic")
     }
 }

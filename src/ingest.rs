@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::Acker;
 use lapin::options::BasicAckOptions;
+use lapin::Acker;
 use sea_orm::DatabaseConnection;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -127,7 +127,8 @@ impl BatchWriter {
             let started = std::time::Instant::now();
             match commit_batch(&self.db, &events, self.clock.now()).await {
                 Ok(outcome) => {
-                    metrics::histogram!(names::BATCH_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                    metrics::histogram!(names::BATCH_COMMIT_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
                     self.readiness.set_database_error(None);
                     break outcome;
                 }
@@ -159,7 +160,10 @@ impl BatchWriter {
             if let Some(ticket) = consumed.ticket {
                 per_key
                     .entry(consumed.event.api_key_id)
-                    .or_insert_with(|| UsageCommitted { released: Vec::new(), counter: None })
+                    .or_insert_with(|| UsageCommitted {
+                        released: Vec::new(),
+                        counter: None,
+                    })
                     .released
                     .push(ticket);
             }
@@ -167,7 +171,10 @@ impl BatchWriter {
         for counter in &outcome.counters {
             per_key
                 .entry(counter.api_key_id)
-                .or_insert_with(|| UsageCommitted { released: Vec::new(), counter: None })
+                .or_insert_with(|| UsageCommitted {
+                    released: Vec::new(),
+                    counter: None,
+                })
                 .counter = Some(*counter);
         }
         for (key_id, committed) in per_key {
@@ -177,8 +184,11 @@ impl BatchWriter {
 }
 
 fn record_outcome(outcome: &BatchOutcome) {
-    metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "counted").increment(outcome.counted as u64);
-    metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "duplicate").increment(outcome.duplicates as u64);
-    metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "late").increment(outcome.late as u64);
+    metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "counted")
+        .increment(outcome.counted as u64);
+    metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "duplicate")
+        .increment(outcome.duplicates as u64);
+    metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "late")
+        .increment(outcome.late as u64);
     metrics::counter!(names::USAGE_UNKNOWN_KEY_TOTAL).increment(outcome.unknown_key as u64);
 }

@@ -14,7 +14,11 @@ use quota_keeper::startup::Application;
 const EXIT_BAD_CONFIGURATION: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "quota-keeper", version, about = "Monthly token quota per API key for LLM gateways")]
+#[command(
+    name = "quota-keeper",
+    version,
+    about = "Monthly token quota per API key for LLM gateways"
+)]
 struct Cli {
     /// Settings file; without it `config.toml` in the working directory is read if present.
     #[arg(long, global = true)]

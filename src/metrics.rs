@@ -16,7 +16,8 @@ pub const ROLLOVERS_TOTAL: &str = "quota_rollovers_total";
 
 /// Latency buckets in seconds, from 50 µs to 1 s: checks are answered from memory.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

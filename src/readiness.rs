@@ -29,18 +29,30 @@ impl Readiness {
     }
 
     pub fn broker(&self) -> BrokerState {
-        self.broker.lock().expect("readiness mutex is never held across a panic").clone()
+        self.broker
+            .lock()
+            .expect("readiness mutex is never held across a panic")
+            .clone()
     }
 
     pub fn set_broker(&self, state: BrokerState) {
-        *self.broker.lock().expect("readiness mutex is never held across a panic") = state;
+        *self
+            .broker
+            .lock()
+            .expect("readiness mutex is never held across a panic") = state;
     }
 
     pub fn database_error(&self) -> Option<String> {
-        self.database_error.lock().expect("readiness mutex is never held across a panic").clone()
+        self.database_error
+            .lock()
+            .expect("readiness mutex is never held across a panic")
+            .clone()
     }
 
     pub fn set_database_error(&self, error: Option<String>) {
-        *self.database_error.lock().expect("readiness mutex is never held across a panic") = error;
+        *self
+            .database_error
+            .lock()
+            .expect("readiness mutex is never held across a panic") = error;
     }
 }

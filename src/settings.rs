@@ -112,7 +112,9 @@ pub struct SchedulerSettings {
 
 impl Default for SchedulerSettings {
     fn default() -> Self {
-        SchedulerSettings { interval_ms: 60_000 }
+        SchedulerSettings {
+            interval_ms: 60_000,
+        }
     }
 }
 
@@ -222,8 +224,14 @@ impl Settings {
             }
         }
         let url = &self.database.url;
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(invalid("database.url", "must start with sqlite: or postgres://"));
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with sqlite: or postgres://",
+            ));
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -235,13 +243,22 @@ impl Settings {
             return Err(invalid("amqp.shards", "must be between 1 and 999"));
         }
         if self.http.bind.parse::<SocketAddr>().is_err() {
-            return Err(invalid("http.bind", format!("{:?} is not an address such as 127.0.0.1:8080", self.http.bind)));
+            return Err(invalid(
+                "http.bind",
+                format!(
+                    "{:?} is not an address such as 127.0.0.1:8080",
+                    self.http.bind
+                ),
+            ));
         }
         if self.http.max_body_bytes < 256 {
             return Err(invalid("http.max_body_bytes", "must be at least 256"));
         }
         if self.admin.password.as_deref() == Some("") {
-            return Err(invalid("admin.password", "must not be empty (leave it unset to disable admin routes)"));
+            return Err(invalid(
+                "admin.password",
+                "must not be empty (leave it unset to disable admin routes)",
+            ));
         }
         if self.scheduler.interval_ms == 0 {
             return Err(invalid("scheduler.interval_ms", "must be at least 1"));
@@ -250,7 +267,10 @@ impl Settings {
             return Err(invalid("ingest.batch_size", "must be at least 1"));
         }
         if usize::from(self.amqp.prefetch) <= self.ingest.batch_size {
-            return Err(invalid("amqp.prefetch", "must be greater than ingest.batch_size, or batches never fill"));
+            return Err(invalid(
+                "amqp.prefetch",
+                "must be greater than ingest.batch_size, or batches never fill",
+            ));
         }
         if self.ingest.flush_interval_ms == 0 {
             return Err(invalid("ingest.flush_interval_ms", "must be at least 1"));
@@ -262,7 +282,10 @@ impl Settings {
             return Err(invalid("actors.idle_timeout_secs", "must be at least 1"));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid("log.level", format!("{:?} is not a tracing filter", self.log.level)));
+            return Err(invalid(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            ));
         }
         Ok(())
     }

@@ -18,10 +18,10 @@ use actix::{Actor, Addr};
 use crate::actors::registry::KeyRegistry;
 use crate::actors::scheduler::Scheduler;
 use crate::amqp::AmqpService;
-use crate::ingest::BatchWriter;
 use crate::clock::SharedClock;
 use crate::db;
 use crate::http::{self, AppState};
+use crate::ingest::BatchWriter;
 use crate::readiness::{BrokerState, Readiness};
 use crate::settings::Settings;
 
@@ -71,7 +71,9 @@ impl Application {
             clock: clock.clone(),
             registry: registry.clone(),
             interval: Duration::from_millis(settings.scheduler.interval_ms),
-            event_retention: chrono::Duration::days(i64::from(settings.ingest.event_retention_days)),
+            event_retention: chrono::Duration::days(i64::from(
+                settings.ingest.event_retention_days,
+            )),
         }
         .start();
         let (writer, writer_task) = BatchWriter {
@@ -108,7 +110,10 @@ impl Application {
         });
         let listener = TcpListener::bind(&settings.http.bind)
             .with_context(|| format!("Failed to bind HTTP on {}", settings.http.bind))?;
-        let port = listener.local_addr().context("Failed to read the bound address")?.port();
+        let port = listener
+            .local_addr()
+            .context("Failed to read the bound address")?
+            .port();
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap(http::json_error_bodies())
@@ -116,7 +121,10 @@ impl Application {
                 .app_data(state.clone())
                 .configure(http::routes)
                 .default_service(web::to(|| async {
-                    http::errors::json_error(actix_web::http::StatusCode::NOT_FOUND, "no such route")
+                    http::errors::json_error(
+                        actix_web::http::StatusCode::NOT_FOUND,
+                        "no such route",
+                    )
                 }))
         })
         // Signals are handled by `run_until_stopped`, which flushes before the server stops.
@@ -170,19 +178,30 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes, then stops gracefully.
-    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let server = actix_web::rt::spawn(self.server);
         shutdown.await;
         tracing::info!("shutdown requested: stop consuming, commit, acknowledge");
         self.shutdown.cancel();
         if let Some(amqp_task) = self.amqp_task {
-            if tokio::time::timeout(CONSUMER_STOP_TIMEOUT, amqp_task).await.is_err() {
-                tracing::warn!("consumers did not stop in time; unacknowledged events will be redelivered");
+            if tokio::time::timeout(CONSUMER_STOP_TIMEOUT, amqp_task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "consumers did not stop in time; unacknowledged events will be redelivered"
+                );
             }
         }
         // The consumers held the last writer handles: the writer commits what it has and ends.
-        if tokio::time::timeout(WRITER_STOP_TIMEOUT, self.writer_task).await.is_err() {
+        if tokio::time::timeout(WRITER_STOP_TIMEOUT, self.writer_task)
+            .await
+            .is_err()
+        {
             tracing::warn!("the last batch was not committed in time; it will be redelivered");
         }
         handle.stop(true).await;
@@ -195,14 +214,15 @@ impl Application {
 }
 
 async fn wait_for_shutdown_signal() {
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => signal,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the service");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops the service");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
@@ -215,7 +235,12 @@ pub fn redact(url: &str) -> String {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let credentials = &url[scheme_end + 3..at];
             match credentials.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &credentials[..colon], &url[at..]),
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &credentials[..colon],
+                    &url[at..]
+                ),
                 None => url.to_string(),
             }
         }

@@ -168,7 +168,9 @@ impl KeyActor {
     /// Adopts the stored key, keeping tokens still pending in the same window.
     fn become_resident(&mut self, key: Model) {
         let pending = match &self.state {
-            KeyState::Resident(resident) if resident.reset_at == key.quota_reset_at => resident.pending,
+            KeyState::Resident(resident) if resident.reset_at == key.quota_reset_at => {
+                resident.pending
+            }
             _ => 0,
         };
         self.state = KeyState::Resident(Resident {
@@ -248,7 +250,11 @@ impl Handler<CheckQuota> for KeyActor {
         match &mut self.state {
             KeyState::Resident(resident) => {
                 resident.roll_over_if_lapsed(now);
-                Ok(CheckReply::for_known_key(self.id, &resident.view(), msg.estimate))
+                Ok(CheckReply::for_known_key(
+                    self.id,
+                    &resident.view(),
+                    msg.estimate,
+                ))
             }
             _ => Ok(CheckReply::for_unknown_key(
                 self.id,
@@ -339,7 +345,8 @@ impl Handler<RecordUsage> for KeyActor {
         };
         resident.roll_over_if_lapsed(now);
         // Late events (window already closed) never touch the current counter.
-        let in_current_window = crate::domain::window::next_window_start(msg.occurred_at) >= resident.reset_at;
+        let in_current_window =
+            crate::domain::window::next_window_start(msg.occurred_at) >= resident.reset_at;
         if msg.tokens == 0 || !in_current_window {
             return Ok(UsageRecorded::NotPending);
         }

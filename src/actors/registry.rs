@@ -12,11 +12,11 @@ use super::key_actor::{
     CheckQuota, DeleteKey, DescribeKey, KeyActor, KeyError, RecordUsage, StopKeyActor, UpdateKey,
     UsageCommitted, UsageRecorded, WindowRolled,
 };
-use crate::db::rollover::RolledChunk;
-use crate::domain::quota::QuotaState;
 use crate::clock::SharedClock;
 use crate::db::api_keys::KeyChange;
+use crate::db::rollover::RolledChunk;
 use crate::domain::check::CheckReply;
+use crate::domain::quota::QuotaState;
 use crate::settings::UnknownKeyPolicy;
 
 /// Lock stripes of the id → actor map, so lookups from many threads rarely contend.
@@ -41,7 +41,10 @@ impl RegistryShared {
 
     /// Removes `id` from the map if it still points at `addr` (a newer actor may have replaced it).
     pub(crate) fn forget(&self, id: i64, addr: &Addr<KeyActor>) {
-        let mut map = self.stripe(id).lock().expect("registry stripes are never held across a panic");
+        let mut map = self
+            .stripe(id)
+            .lock()
+            .expect("registry stripes are never held across a panic");
         if map.get(&id) == Some(addr) {
             map.remove(&id);
         }
@@ -75,7 +78,9 @@ impl KeyRegistry {
                 clock,
                 unknown_key,
                 idle_timeout,
-                stripes: (0..MAP_STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+                stripes: (0..MAP_STRIPES)
+                    .map(|_| Mutex::new(HashMap::new()))
+                    .collect(),
                 arbiters,
             }),
         }
@@ -93,7 +98,8 @@ impl KeyRegistry {
                 return addr.clone();
             }
         }
-        let arbiter = &self.shared.arbiters[id.rem_euclid(self.shared.arbiters.len() as i64) as usize];
+        let arbiter =
+            &self.shared.arbiters[id.rem_euclid(self.shared.arbiters.len() as i64) as usize];
         let shared = Arc::clone(&self.shared);
         let addr = KeyActor::start_in_arbiter(arbiter, move |_| KeyActor::new(id, shared));
         map.insert(id, addr.clone());
@@ -134,12 +140,18 @@ impl KeyRegistry {
             Err(_) => "unavailable",
         };
         metrics::counter!(crate::metrics::CHECKS_TOTAL, "outcome" => outcome).increment(1);
-        metrics::histogram!(crate::metrics::CHECK_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::metrics::CHECK_DURATION_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         result
     }
 
     /// Changes key `id` of `username` through its actor; `None` if it is not that user's key.
-    pub async fn update(&self, id: i64, username: &str, change: KeyChange) -> Result<Option<Model>, KeyError> {
+    pub async fn update(
+        &self,
+        id: i64,
+        username: &str,
+        change: KeyChange,
+    ) -> Result<Option<Model>, KeyError> {
         self.send(
             id,
             UpdateKey {
@@ -168,7 +180,14 @@ impl KeyRegistry {
         tokens: i64,
         occurred_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<UsageRecorded, KeyError> {
-        self.send(id, RecordUsage { tokens, occurred_at }).await
+        self.send(
+            id,
+            RecordUsage {
+                tokens,
+                occurred_at,
+            },
+        )
+        .await
     }
 
     /// The actor of `id` if one is running.
@@ -224,7 +243,12 @@ impl KeyRegistry {
         self.shared
             .stripes
             .iter()
-            .map(|stripe| stripe.lock().expect("registry stripes are never held across a panic").len())
+            .map(|stripe| {
+                stripe
+                    .lock()
+                    .expect("registry stripes are never held across a panic")
+                    .len()
+            })
             .sum()
     }
 

@@ -52,14 +52,22 @@ impl Handler<RollOverLapsedKeys> for Scheduler {
         AtomicResponse::new(Box::pin(
             async move {
                 let started = std::time::Instant::now();
-                let result = roll_over_lapsed_keys(&db, now, |chunk| registry.notify_rolled(&chunk)).await;
+                let result =
+                    roll_over_lapsed_keys(&db, now, |chunk| registry.notify_rolled(&chunk)).await;
                 match &result {
                     Ok(0) => {}
                     Ok(rolled) => {
-                        metrics::counter!(crate::metrics::ROLLOVERS_TOTAL).increment(*rolled as u64);
-                        tracing::info!(keys = rolled, elapsed_ms = started.elapsed().as_millis() as u64, "monthly rollover");
+                        metrics::counter!(crate::metrics::ROLLOVERS_TOTAL)
+                            .increment(*rolled as u64);
+                        tracing::info!(
+                            keys = rolled,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "monthly rollover"
+                        );
                     }
-                    Err(error) => tracing::warn!(%error, "rollover failed; retrying at the next tick"),
+                    Err(error) => {
+                        tracing::warn!(%error, "rollover failed; retrying at the next tick")
+                    }
                 }
                 result.map_err(|error| error.to_string())
             }

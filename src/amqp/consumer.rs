@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
@@ -57,13 +57,18 @@ async fn ack(delivery: &Delivery) {
 /// Answers a check to its `reply_to`, echoing `correlation_id`; acknowledges after replying.
 async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
     let Some(reply_to) = delivery.properties.reply_to().clone() else {
-        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "no_reply_to").increment(1);
+        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "no_reply_to")
+            .increment(1);
         tracing::debug!("check request without reply_to dropped");
         ack(&delivery).await;
         return;
     };
     let reply = match decode_check_request(&delivery.data) {
-        Ok(request) => match context.registry.check(request.api_key_id, request.tokens).await {
+        Ok(request) => match context
+            .registry
+            .check(request.api_key_id, request.tokens)
+            .await
+        {
             Ok(reply) => reply,
             Err(error) => CheckReply::unavailable(request.api_key_id, error),
         },
@@ -79,7 +84,13 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
     }
     let published = context
         .replies
-        .basic_publish("".into(), reply_to, BasicPublishOptions::default(), &body, properties)
+        .basic_publish(
+            "".into(),
+            reply_to,
+            BasicPublishOptions::default(),
+            &body,
+            properties,
+        )
         .await;
     if let Err(error) = published {
         tracing::warn!(%error, "check reply not sent");
@@ -124,8 +135,11 @@ async fn take_usage(delivery: Delivery, context: &DeliveryContext) {
 async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &DeliveryContext) {
     tracing::info!(reason = %rejection, "usage message dead-lettered");
     metrics::counter!(names::USAGE_DEAD_LETTERED_TOTAL).increment(1);
-    let mut headers = delivery.properties.headers().clone().unwrap_or_else(FieldTable::default);
-    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(rejection.to_string().into()));
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(rejection.to_string().into()),
+    );
     headers.insert(
         "x-quota-original-exchange".into(),
         AMQPValue::LongString(delivery.exchange.as_str().into()),

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
@@ -78,11 +80,13 @@ impl AmqpService {
                 }
             }
         }
-        self.readiness.set_broker(BrokerState::Down("stopped".into()));
+        self.readiness
+            .set_broker(BrokerState::Down("stopped".into()));
     }
 
     async fn run_session(&self, backoff: &mut Duration) -> Result<SessionEnd, SessionError> {
-        self.readiness.set_broker(BrokerState::Down("connecting".into()));
+        self.readiness
+            .set_broker(BrokerState::Down("connecting".into()));
         let connection = Connection::connect(
             &with_heartbeat(&self.settings.url, self.settings.heartbeat_secs),
             ConnectionProperties::default().with_connection_name("quota-keeper".into()),
@@ -92,7 +96,9 @@ impl AmqpService {
         topology::declare(&setup, self.settings.shards).await?;
         let replies = connection.create_channel().await?;
         let dead_letters = connection.create_channel().await?;
-        dead_letters.confirm_select(ConfirmSelectOptions::default()).await?;
+        dead_letters
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         let context = Arc::new(DeliveryContext {
             registry: self.registry.clone(),
             writer: self.writer.clone(),
@@ -105,7 +111,9 @@ impl AmqpService {
         let mut shard_channels = Vec::with_capacity(usize::from(self.settings.shards));
         for shard in 0..self.settings.shards {
             let channel = connection.create_channel().await?;
-            channel.basic_qos(self.settings.prefetch, BasicQosOptions::default()).await?;
+            channel
+                .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+                .await?;
             let tag = format!("quota-keeper-{}-{shard:03}", std::process::id());
             let consumer = channel
                 .basic_consume(

@@ -28,7 +28,9 @@ pub enum PublishError {
 pub async fn publish_usage(amqp_url: &str, message: &UsageMessage) -> Result<(), PublishError> {
     let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let body = serde_json::to_vec(message).expect("a UsageMessage always serializes");
     let confirmation = channel
         .basic_publish(

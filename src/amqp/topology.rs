@@ -1,6 +1,8 @@
 //! The AMQP topology of SPEC §2 and TOPOLOGY.md, declared idempotently at every (re)connect.
 
-use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
@@ -28,7 +30,12 @@ pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
     };
     for public in [USAGE_EXCHANGE, CHECK_EXCHANGE] {
         channel
-            .exchange_declare(public.into(), ExchangeKind::Fanout, durable, FieldTable::default())
+            .exchange_declare(
+                public.into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
     }
     channel
@@ -67,7 +74,11 @@ pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
     for shard in 0..shards {
         let queue = shard_queue_name(shard);
         channel
-            .queue_declare(queue.as_str().into(), durable_queue, shard_arguments.clone())
+            .queue_declare(
+                queue.as_str().into(),
+                durable_queue,
+                shard_arguments.clone(),
+            )
             .await?;
         // Binding key = weight on the consistent-hash ring; equal weights spread keys evenly.
         channel
@@ -81,7 +92,11 @@ pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
             .await?;
     }
     channel
-        .queue_declare(DEAD_LETTER_QUEUE.into(), durable_queue, FieldTable::default())
+        .queue_declare(
+            DEAD_LETTER_QUEUE.into(),
+            durable_queue,
+            FieldTable::default(),
+        )
         .await?;
     Ok(())
 }

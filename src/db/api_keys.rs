@@ -57,7 +57,9 @@ pub async fn create_key(
         Ok(model) => model,
         Err(error) => {
             return match (error.sql_err(), new_key.id) {
-                (Some(SqlErr::UniqueConstraintViolation(_)), Some(id)) => Err(CreateKeyError::IdTaken(id)),
+                (Some(SqlErr::UniqueConstraintViolation(_)), Some(id)) => {
+                    Err(CreateKeyError::IdTaken(id))
+                }
                 _ => Err(error.into()),
             }
         }
@@ -84,10 +86,15 @@ pub async fn find_user_key(
     username: &str,
     id: i64,
 ) -> Result<Option<Model>, DbErr> {
-    Ok(find_key(db, id).await?.filter(|key| key.username == username))
+    Ok(find_key(db, id)
+        .await?
+        .filter(|key| key.username == username))
 }
 
-pub async fn list_user_keys(db: &impl ConnectionTrait, username: &str) -> Result<Vec<Model>, DbErr> {
+pub async fn list_user_keys(
+    db: &impl ConnectionTrait,
+    username: &str,
+) -> Result<Vec<Model>, DbErr> {
     ApiKeys::find()
         .filter(Column::Username.eq(username))
         .order_by_asc(Column::Id)

@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use entity::{api_keys, processed_events};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionSession, TransactionTrait,
 };
 
 use super::usage::add_to_history;
@@ -26,7 +26,11 @@ pub struct RolledChunk {
 
 /// Rolls every key whose window ended at or before `now`; calls `on_chunk` after each committed chunk.
 /// Months without traffic are skipped: every key lands in the window containing `now`.
-pub async fn roll_over_lapsed_keys<C, F>(db: &C, now: DateTime<Utc>, mut on_chunk: F) -> Result<usize, DbErr>
+pub async fn roll_over_lapsed_keys<C, F>(
+    db: &C,
+    now: DateTime<Utc>,
+    mut on_chunk: F,
+) -> Result<usize, DbErr>
 where
     C: TransactionTrait + ConnectionTrait,
     F: FnMut(RolledChunk),
@@ -61,7 +65,10 @@ where
             .map(|(id, used, _)| (*id, *used))
             .collect();
         let window = window_ending_at(closed_reset_at);
-        let history: BTreeMap<_, _> = chunk.iter().map(|&(id, used)| ((id, window), used)).collect();
+        let history: BTreeMap<_, _> = chunk
+            .iter()
+            .map(|&(id, used)| ((id, window), used))
+            .collect();
         add_to_history(&txn, &history).await?;
         let key_ids: Vec<i64> = chunk.iter().map(|(id, _)| *id).collect();
         api_keys::Entity::update_many()
@@ -81,7 +88,10 @@ where
 }
 
 /// Forgets processed event ids recorded before `older_than`; returns how many.
-pub async fn prune_processed_events(db: &impl ConnectionTrait, older_than: DateTime<Utc>) -> Result<u64, DbErr> {
+pub async fn prune_processed_events(
+    db: &impl ConnectionTrait,
+    older_than: DateTime<Utc>,
+) -> Result<u64, DbErr> {
     let result = processed_events::Entity::delete_many()
         .filter(processed_events::Column::ProcessedAt.lt(older_than))
         .exec(db)

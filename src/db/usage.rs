@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use entity::{api_keys, processed_events, usage_history};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionSession, TransactionTrait,
 };
 
 use crate::domain::quota::QuotaState;
@@ -38,7 +38,11 @@ pub struct BatchOutcome {
 }
 
 /// Commits `events` at `now` in one transaction; see the module doc for the steps.
-pub async fn commit_batch<C>(db: &C, events: &[&UsageEvent], now: DateTime<Utc>) -> Result<BatchOutcome, DbErr>
+pub async fn commit_batch<C>(
+    db: &C,
+    events: &[&UsageEvent],
+    now: DateTime<Utc>,
+) -> Result<BatchOutcome, DbErr>
 where
     C: TransactionTrait,
 {
@@ -93,7 +97,12 @@ async fn apply_batch(
     if txn.get_database_backend() == DbBackend::Postgres {
         rows = rows.lock_exclusive();
     }
-    let rows: HashMap<i64, api_keys::Model> = rows.all(txn).await?.into_iter().map(|row| (row.id, row)).collect();
+    let rows: HashMap<i64, api_keys::Model> = rows
+        .all(txn)
+        .await?
+        .into_iter()
+        .map(|row| (row.id, row))
+        .collect();
 
     // 3. Decide, per key, what goes to the current counter and what to closed windows.
     let mut increments: Vec<(i64, i64)> = Vec::new();
@@ -144,15 +153,23 @@ async fn apply_batch(
     // 4. Write: rolled keys get their new window, the others one set-based increment.
     for counter in &rolled {
         api_keys::Entity::update_many()
-            .col_expr(api_keys::Column::TokensUsedThisMonth, Expr::value(counter.used))
-            .col_expr(api_keys::Column::QuotaResetAt, Expr::value(counter.reset_at))
+            .col_expr(
+                api_keys::Column::TokensUsedThisMonth,
+                Expr::value(counter.used),
+            )
+            .col_expr(
+                api_keys::Column::QuotaResetAt,
+                Expr::value(counter.reset_at),
+            )
             .filter(api_keys::Column::Id.eq(counter.api_key_id))
             .exec(txn)
             .await?;
     }
     outcome.counters.extend(rolled);
     if !increments.is_empty() {
-        outcome.counters.extend(add_to_counters(txn, &increments).await?);
+        outcome
+            .counters
+            .extend(add_to_counters(txn, &increments).await?);
     }
     add_to_history(txn, &history).await?;
     Ok(outcome)
@@ -175,7 +192,11 @@ async fn insert_new_event_ids(
             processed_events::Column::ApiKeyId,
             processed_events::Column::ProcessedAt,
         ])
-        .on_conflict(OnConflict::column(processed_events::Column::EventId).do_nothing().to_owned())
+        .on_conflict(
+            OnConflict::column(processed_events::Column::EventId)
+                .do_nothing()
+                .to_owned(),
+        )
         .returning_col(processed_events::Column::EventId);
     for event in events {
         insert.values_panic([
@@ -187,8 +208,7 @@ async fn insert_new_event_ids(
     let rows = txn.query_all(&insert).await?;
     rows.iter()
         .map(|row| row.try_get_by_index::<String>(0))
-        .collect::<Result<HashSet<_>, _>>()
-        .map_err(DbErr::from)
+        .collect::<Result<HashSet<_>, DbErr>>()
 }
 
 /// `used = used + delta` for every key in one statement; returns the new counters.
@@ -245,16 +265,26 @@ pub(crate) async fn add_to_history(
             usage_history::Column::Tokens,
         ])
         .on_conflict(
-            OnConflict::columns([usage_history::Column::ApiKeyId, usage_history::Column::PeriodStart])
-                .value(
+            OnConflict::columns([
+                usage_history::Column::ApiKeyId,
+                usage_history::Column::PeriodStart,
+            ])
+            .value(
+                usage_history::Column::Tokens,
+                Expr::col((usage_history::Entity, usage_history::Column::Tokens)).add(Expr::col((
+                    Alias::new("excluded"),
                     usage_history::Column::Tokens,
-                    Expr::col((usage_history::Entity, usage_history::Column::Tokens))
-                        .add(Expr::col((Alias::new("excluded"), usage_history::Column::Tokens))),
-                )
-                .to_owned(),
+                ))),
+            )
+            .to_owned(),
         );
     for ((key_id, window), tokens) in history {
-        insert.values_panic([(*key_id).into(), window.start.into(), window.end.into(), (*tokens).into()]);
+        insert.values_panic([
+            (*key_id).into(),
+            window.start.into(),
+            window.end.into(),
+            (*tokens).into(),
+        ]);
     }
     txn.execute(&insert).await?;
     Ok(())

@@ -128,11 +128,17 @@ mod tests {
     fn decodes_a_request_with_and_without_estimate() {
         assert_eq!(
             decode_check_request(br#"{"api_key_id": 42}"#).unwrap(),
-            CheckRequest { api_key_id: 42, tokens: None }
+            CheckRequest {
+                api_key_id: 42,
+                tokens: None
+            }
         );
         assert_eq!(
             decode_check_request(br#"{"api_key_id": 42, "tokens": 800}"#).unwrap(),
-            CheckRequest { api_key_id: 42, tokens: Some(800) }
+            CheckRequest {
+                api_key_id: 42,
+                tokens: Some(800)
+            }
         );
     }
 

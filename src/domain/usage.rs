@@ -34,7 +34,10 @@ pub struct UsageEvent {
 ///
 /// When `tokens` is present it is the total and `input_tokens`/`output_tokens` are only
 /// validated, so a client that sends all three is not counted twice.
-pub fn decode_usage_event(body: &[u8], received_at: DateTime<Utc>) -> Result<UsageEvent, Rejection> {
+pub fn decode_usage_event(
+    body: &[u8],
+    received_at: DateTime<Utc>,
+) -> Result<UsageEvent, Rejection> {
     let object = parse_object(body)?;
     let event_id = match object.get("event_id") {
         None | Some(Value::Null) => return Err(Rejection::new("event_id is required")),
@@ -68,7 +71,9 @@ pub fn decode_usage_event(body: &[u8], received_at: DateTime<Utc>) -> Result<Usa
     let occurred_at = match object.get("occurred_at") {
         None | Some(Value::Null) => received_at,
         Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
-            .map_err(|error| Rejection::new(format!("occurred_at is not an RFC 3339 instant: {error}")))?
+            .map_err(|error| {
+                Rejection::new(format!("occurred_at is not an RFC 3339 instant: {error}"))
+            })?
             .with_timezone(&Utc),
         Some(_) => return Err(Rejection::new("occurred_at must be an RFC 3339 string")),
     };
@@ -104,14 +109,20 @@ pub(crate) fn optional_count(
                 if value < 0 {
                     Err(Rejection::new(format!("{field} must be >= 0, got {value}")))
                 } else if value > MAX_EVENT_TOKENS {
-                    Err(Rejection::new(format!("{field} is above the limit of 10^12")))
+                    Err(Rejection::new(format!(
+                        "{field} is above the limit of 10^12"
+                    )))
                 } else {
                     Ok(Some(value))
                 }
             } else if n.is_u64() {
-                Err(Rejection::new(format!("{field} is above the limit of 10^12")))
+                Err(Rejection::new(format!(
+                    "{field} is above the limit of 10^12"
+                )))
             } else {
-                Err(Rejection::new(format!("{field} must be an integer, got {n}")))
+                Err(Rejection::new(format!(
+                    "{field} must be an integer, got {n}"
+                )))
             }
         }
         Some(_) => Err(Rejection::new(format!("{field} must be an integer"))),
@@ -123,7 +134,9 @@ mod tests {
     use super::*;
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -147,8 +160,10 @@ mod tests {
         .unwrap();
         assert_eq!(event.tokens, 15);
         assert_eq!(event.occurred_at, now());
-        let only_output =
-            decode_usage_event(br#"{"event_id": "a", "api_key_id": 1, "output_tokens": 5}"#, now());
+        let only_output = decode_usage_event(
+            br#"{"event_id": "a", "api_key_id": 1, "output_tokens": 5}"#,
+            now(),
+        );
         assert_eq!(only_output.unwrap().tokens, 5);
     }
 
@@ -192,14 +207,18 @@ mod tests {
         ];
         for (body, reason) in cases {
             let error = decode_usage_event(body, now()).unwrap_err().to_string();
-            assert!(error.contains(reason), "{error:?} should mention {reason:?}");
+            assert!(
+                error.contains(reason),
+                "{error:?} should mention {reason:?}"
+            );
         }
     }
 
     #[test]
     fn zero_tokens_is_valid() {
         let event =
-            decode_usage_event(br#"{"event_id": "z", "api_key_id": 1, "tokens": 0}"#, now()).unwrap();
+            decode_usage_event(br#"{"event_id": "z", "api_key_id": 1, "tokens": 0}"#, now())
+                .unwrap();
         assert_eq!(event.tokens, 0);
     }
 }

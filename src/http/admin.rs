@@ -104,7 +104,9 @@ pub async fn create_key(
     let body: CreateKeyBody = parse_json(&read_body(payload, state.max_body_bytes).await?, true)?;
     if let Some(id) = body.id {
         if id < 1 {
-            return Err(ApiError::Unprocessable(format!("id must be >= 1, got {id}")));
+            return Err(ApiError::Unprocessable(format!(
+                "id must be >= 1, got {id}"
+            )));
         }
     }
     let new_key = NewKey {
@@ -120,7 +122,9 @@ pub async fn create_key(
             tracing::info!(api_key_id = key.id, username = %key.username, "API key created");
             Ok(HttpResponse::Created().json(KeyView::from(key)))
         }
-        Err(CreateKeyError::IdTaken(id)) => Err(ApiError::Conflict(format!("API key {id} already exists"))),
+        Err(CreateKeyError::IdTaken(id)) => {
+            Err(ApiError::Conflict(format!("API key {id} already exists")))
+        }
         Err(CreateKeyError::Database(error)) => Err(error.into()),
     }
 }

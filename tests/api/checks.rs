@@ -19,7 +19,8 @@ async fn set_usage(app: &TestApp, id: i64, used: i64) {
 #[actix_web::test]
 async fn a_check_over_direct_reply_to_is_answered_from_the_key() {
     let app = spawn_app_with_broker(|_| {}).await;
-    app.create_key("alice", json!({"id": 42, "token_quota_monthly": 1000})).await;
+    app.create_key("alice", json!({"id": 42, "token_quota_monthly": 1000}))
+        .await;
     set_usage(&app, 42, 999).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     let reply = client.check(42, None).await;
@@ -36,7 +37,8 @@ async fn a_check_over_direct_reply_to_is_answered_from_the_key() {
 #[actix_web::test]
 async fn denial_starts_exactly_at_the_quota_with_the_spec_text() {
     let app = spawn_app_with_broker(|_| {}).await;
-    app.create_key("alice", json!({"id": 42, "token_quota_monthly": 1000})).await;
+    app.create_key("alice", json!({"id": 42, "token_quota_monthly": 1000}))
+        .await;
     set_usage(&app, 42, 1000).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     let reply = client.check(42, None).await;
@@ -52,7 +54,8 @@ async fn denial_starts_exactly_at_the_quota_with_the_spec_text() {
 #[actix_web::test]
 async fn the_estimate_must_fit_and_unlimited_keys_always_pass() {
     let app = spawn_app_with_broker(|_| {}).await;
-    app.create_key("alice", json!({"id": 1, "token_quota_monthly": 1000})).await;
+    app.create_key("alice", json!({"id": 1, "token_quota_monthly": 1000}))
+        .await;
     app.create_key("alice", json!({"id": 2})).await;
     set_usage(&app, 1, 200).await;
     set_usage(&app, 2, 1_000_000_000).await;
@@ -75,26 +78,33 @@ async fn unknown_keys_are_allowed_by_default() {
     assert_eq!(reply["allowed"], true);
     assert_eq!(reply["status"], 200);
     // A key created afterwards is known at once.
-    app.create_key("alice", json!({"id": 777, "token_quota_monthly": 5})).await;
+    app.create_key("alice", json!({"id": 777, "token_quota_monthly": 5}))
+        .await;
     assert_eq!(client.check(777, None).await["known"], true);
 }
 
 #[actix_web::test]
 async fn unknown_keys_are_404_under_deny() {
-    let app = spawn_app_with_broker(|settings| settings.check.unknown_key = UnknownKeyPolicy::Deny).await;
+    let app =
+        spawn_app_with_broker(|settings| settings.check.unknown_key = UnknownKeyPolicy::Deny).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     let reply = client.check(777, None).await;
     assert_eq!(reply["known"], false);
     assert_eq!(reply["allowed"], false);
     assert_eq!(reply["status"], 404);
-    let http = app.admin(Method::POST, "/keys/777/check").send().await.unwrap();
+    let http = app
+        .admin(Method::POST, "/keys/777/check")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(http.status(), 404);
 }
 
 #[actix_web::test]
 async fn malformed_requests_get_400_and_the_consumer_keeps_answering() {
     let app = spawn_app_with_broker(|_| {}).await;
-    app.create_key("alice", json!({"id": 5, "token_quota_monthly": 10})).await;
+    app.create_key("alice", json!({"id": 5, "token_quota_monthly": 10}))
+        .await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     for (body, reason) in [
         (&b"{not json"[..], "JSON"),
@@ -104,19 +114,34 @@ async fn malformed_requests_get_400_and_the_consumer_keeps_answering() {
     ] {
         let reply = client.check_raw("5", body).await;
         assert_eq!(reply["status"], 400, "{reply}");
-        assert!(reply["detail"].as_str().unwrap().contains(reason), "{reply}");
+        assert!(
+            reply["detail"].as_str().unwrap().contains(reason),
+            "{reply}"
+        );
     }
     client.check_without_reply_to(5).await;
     let reply = client.check(5, None).await;
     assert_eq!(reply["status"], 200);
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("quota_check_requests_dropped_total"), "{metrics}");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("quota_check_requests_dropped_total"),
+        "{metrics}"
+    );
 }
 
 #[actix_web::test]
 async fn a_patch_takes_effect_for_the_very_next_check() {
     let app = spawn_app_with_broker(|_| {}).await;
-    app.create_key("alice", json!({"id": 9, "token_quota_monthly": 1000})).await;
+    app.create_key("alice", json!({"id": 9, "token_quota_monthly": 1000}))
+        .await;
     set_usage(&app, 9, 999).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     assert_eq!(client.check(9, None).await["status"], 200);
@@ -144,38 +169,90 @@ async fn a_patch_takes_effect_for_the_very_next_check() {
     let reset = client.check(9, None).await;
     assert_eq!(reset["tokens_used_this_month"], 0);
     assert_eq!(reset["remaining"], 5);
-    app.admin(Method::DELETE, "/users/alice/apikeys/9").send().await.unwrap();
-    assert_eq!(client.check(9, None).await["known"], false, "a deleted key is unknown at once");
+    app.admin(Method::DELETE, "/users/alice/apikeys/9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        client.check(9, None).await["known"],
+        false,
+        "a deleted key is unknown at once"
+    );
 }
 
 #[actix_web::test]
 async fn the_http_check_answers_like_amqp() {
     let app = spawn_app_with_broker(|_| {}).await;
-    app.create_key("alice", json!({"id": 3, "token_quota_monthly": 100})).await;
+    app.create_key("alice", json!({"id": 3, "token_quota_monthly": 100}))
+        .await;
     set_usage(&app, 3, 60).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
-    let ok = app.admin(Method::POST, "/keys/3/check").send().await.unwrap();
+    let ok = app
+        .admin(Method::POST, "/keys/3/check")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
     let http_body: Value = ok.json().await.unwrap();
     assert_eq!(http_body, client.check(3, None).await);
-    let denied = app.admin(Method::POST, "/keys/3/check").json(&json!({"tokens": 41})).send().await.unwrap();
+    let denied = app
+        .admin(Method::POST, "/keys/3/check")
+        .json(&json!({"tokens": 41}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(denied.status(), 429);
     let body: Value = denied.json().await.unwrap();
-    assert_eq!(body["detail"], "API key monthly token quota reached (60/100). Resets at 2026-12-01T00:00:00Z.");
-    let malformed = app.admin(Method::POST, "/keys/3/check").body(r#"{"tokens": "x"}"#).send().await.unwrap();
+    assert_eq!(
+        body["detail"],
+        "API key monthly token quota reached (60/100). Resets at 2026-12-01T00:00:00Z."
+    );
+    let malformed = app
+        .admin(Method::POST, "/keys/3/check")
+        .body(r#"{"tokens": "x"}"#)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(malformed.status(), 400);
-    let anonymous = app.client.post(app.url("/keys/3/check")).send().await.unwrap();
+    let anonymous = app
+        .client
+        .post(app.url("/keys/3/check"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status(), 401);
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("quota_checks_total{outcome=\"denied\"}"), "{metrics}");
-    assert!(metrics.contains("quota_check_duration_seconds_bucket"), "{metrics}");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("quota_checks_total{outcome=\"denied\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("quota_check_duration_seconds_bucket"),
+        "{metrics}"
+    );
     assert!(metrics.contains("quota_resident_key_actors"), "{metrics}");
 }
 
 #[actix_web::test]
 async fn readyz_includes_the_broker() {
     let app = spawn_app_with_broker(|_| {}).await;
-    let body: Value = app.client.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let body: Value = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["broker"], "ok");
     assert_eq!(body["status"], "ready");
 }

@@ -111,14 +111,17 @@ pub async fn spawn_app_with_broker(customize: impl FnOnce(&mut Settings)) -> Tes
     app
 }
 
-
 impl TestApp {
     pub async fn wait_until_consuming(&self) {
         let readiness = self.readiness.clone();
-        eventually(std::time::Duration::from_secs(20), "the broker to be consumed", || {
-            let state = readiness.broker();
-            async move { (state == BrokerState::Consuming).then_some(()) }
-        })
+        eventually(
+            std::time::Duration::from_secs(20),
+            "the broker to be consumed",
+            || {
+                let state = readiness.broker();
+                async move { (state == BrokerState::Consuming).then_some(()) }
+            },
+        )
         .await;
     }
 

@@ -22,7 +22,15 @@ async fn wait_for_stored_usage(app: &TestApp, id: i64, expected: i64) {
 fn queued_messages(app: &TestApp) -> u64 {
     let vhost = &app.vhost.as_ref().expect("a broker test").name;
     let output = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_queues", "-p", vhost, "--no-table-headers", "name", "messages"])
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])
         .output()
         .expect("rabbitmqctl runs");
     String::from_utf8_lossy(&output.stdout)
@@ -38,21 +46,42 @@ async fn duplicate_event_ids_count_once() {
     app.create_key("alice", json!({"id": 1})).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     for i in 0..100 {
-        client.publish_usage(1, &json!({"event_id": format!("e{i}"), "api_key_id": 1, "tokens": i + 1})).await;
+        client
+            .publish_usage(
+                1,
+                &json!({"event_id": format!("e{i}"), "api_key_id": 1, "tokens": i + 1}),
+            )
+            .await;
     }
     // Redeliveries of the first 20, both right away and after they were committed.
     for i in 0..20 {
-        client.publish_usage(1, &json!({"event_id": format!("e{i}"), "api_key_id": 1, "tokens": i + 1})).await;
+        client
+            .publish_usage(
+                1,
+                &json!({"event_id": format!("e{i}"), "api_key_id": 1, "tokens": i + 1}),
+            )
+            .await;
     }
     wait_for_stored_usage(&app, 1, 5050).await;
     for i in 0..20 {
-        client.publish_usage(1, &json!({"event_id": format!("e{i}"), "api_key_id": 1, "tokens": 1000})).await;
+        client
+            .publish_usage(
+                1,
+                &json!({"event_id": format!("e{i}"), "api_key_id": 1, "tokens": 1000}),
+            )
+            .await;
     }
-    eventually(WAIT, "every message acknowledged", || async { (queued_messages(&app) == 0).then_some(()) }).await;
+    eventually(WAIT, "every message acknowledged", || async {
+        (queued_messages(&app) == 0).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(app.stored_usage(1).await, 5050);
     let reply = client.check(1, None).await;
-    assert_eq!(reply["tokens_used_this_month"], 5050, "the actor converges to what is committed");
+    assert_eq!(
+        reply["tokens_used_this_month"], 5050,
+        "the actor converges to what is committed"
+    );
 }
 
 #[actix_web::test]
@@ -62,23 +91,72 @@ async fn malformed_events_are_dead_lettered_with_a_reason_and_good_ones_count() 
     let client = BrokerClient::connect(&app.settings.amqp.url).await;
     let malformed: Vec<(Vec<u8>, &str)> = vec![
         (b"not json".to_vec(), "not valid JSON"),
-        (br#"{"api_key_id": 1, "tokens": 5}"#.to_vec(), "event_id is required"),
-        (br#"{"event_id": "", "api_key_id": 1, "tokens": 5}"#.to_vec(), "event_id must be 1-128"),
-        (format!(r#"{{"event_id": "{}", "api_key_id": 1, "tokens": 5}}"#, "x".repeat(129)).into_bytes(), "event_id must be 1-128"),
-        (br#"{"event_id": "m1", "api_key_id": "1", "tokens": 5}"#.to_vec(), "api_key_id must be"),
-        (br#"{"event_id": "m2", "tokens": 5}"#.to_vec(), "api_key_id is required"),
-        (br#"{"event_id": "m3", "api_key_id": 1, "tokens": -5}"#.to_vec(), "tokens must be >= 0"),
-        (br#"{"event_id": "m4", "api_key_id": 1, "tokens": 2.5}"#.to_vec(), "tokens must be an integer"),
-        (br#"{"event_id": "m5", "api_key_id": 1, "tokens": 1000000000001}"#.to_vec(), "10^12"),
-        (br#"{"event_id": "m6", "api_key_id": 1}"#.to_vec(), "tokens is required"),
-        (br#"{"event_id": "m7", "api_key_id": 1, "tokens": 5, "occurred_at": "noon"}"#.to_vec(), "occurred_at"),
+        (
+            br#"{"api_key_id": 1, "tokens": 5}"#.to_vec(),
+            "event_id is required",
+        ),
+        (
+            br#"{"event_id": "", "api_key_id": 1, "tokens": 5}"#.to_vec(),
+            "event_id must be 1-128",
+        ),
+        (
+            format!(
+                r#"{{"event_id": "{}", "api_key_id": 1, "tokens": 5}}"#,
+                "x".repeat(129)
+            )
+            .into_bytes(),
+            "event_id must be 1-128",
+        ),
+        (
+            br#"{"event_id": "m1", "api_key_id": "1", "tokens": 5}"#.to_vec(),
+            "api_key_id must be",
+        ),
+        (
+            br#"{"event_id": "m2", "tokens": 5}"#.to_vec(),
+            "api_key_id is required",
+        ),
+        (
+            br#"{"event_id": "m3", "api_key_id": 1, "tokens": -5}"#.to_vec(),
+            "tokens must be >= 0",
+        ),
+        (
+            br#"{"event_id": "m4", "api_key_id": 1, "tokens": 2.5}"#.to_vec(),
+            "tokens must be an integer",
+        ),
+        (
+            br#"{"event_id": "m5", "api_key_id": 1, "tokens": 1000000000001}"#.to_vec(),
+            "10^12",
+        ),
+        (
+            br#"{"event_id": "m6", "api_key_id": 1}"#.to_vec(),
+            "tokens is required",
+        ),
+        (
+            br#"{"event_id": "m7", "api_key_id": 1, "tokens": 5, "occurred_at": "noon"}"#.to_vec(),
+            "occurred_at",
+        ),
     ];
     for (i, (body, _)) in malformed.iter().enumerate() {
-        client.publish_usage(1, &json!({"event_id": format!("good-{i}"), "api_key_id": 1, "tokens": 5})).await;
+        client
+            .publish_usage(
+                1,
+                &json!({"event_id": format!("good-{i}"), "api_key_id": 1, "tokens": 5}),
+            )
+            .await;
         client.publish("quota.usage", "1", body).await;
     }
-    client.publish_usage(1, &json!({"event_id": "zero", "api_key_id": 1, "tokens": 0})).await;
-    client.publish_usage(1, &json!({"event_id": "parts", "api_key_id": 1, "input_tokens": 3, "output_tokens": 4})).await;
+    client
+        .publish_usage(
+            1,
+            &json!({"event_id": "zero", "api_key_id": 1, "tokens": 0}),
+        )
+        .await;
+    client
+        .publish_usage(
+            1,
+            &json!({"event_id": "parts", "api_key_id": 1, "input_tokens": 3, "output_tokens": 4}),
+        )
+        .await;
     wait_for_stored_usage(&app, 1, 5 * malformed.len() as i64 + 7).await;
 
     let letters = eventually(WAIT, "every dead letter", || async {
@@ -93,10 +171,20 @@ async fn malformed_events_are_dead_lettered_with_a_reason_and_good_ones_count() 
     }
     assert_eq!(letters.len(), malformed.len());
     for (body, reason) in &malformed {
-        let letter = letters.iter().find(|(dead_body, _)| dead_body == body).expect("each malformed message is dead-lettered");
-        assert!(letter.1.contains(reason), "{:?} should say {reason:?}", letter.1);
+        let letter = letters
+            .iter()
+            .find(|(dead_body, _)| dead_body == body)
+            .expect("each malformed message is dead-lettered");
+        assert!(
+            letter.1.contains(reason),
+            "{:?} should say {reason:?}",
+            letter.1
+        );
     }
-    eventually(WAIT, "nothing left unacknowledged", || async { (queued_messages(&app) == 0).then_some(()) }).await;
+    eventually(WAIT, "nothing left unacknowledged", || async {
+        (queued_messages(&app) == 0).then_some(())
+    })
+    .await;
 }
 
 #[actix_web::test]
@@ -104,18 +192,39 @@ async fn usage_of_unknown_keys_is_acknowledged_and_not_counted() {
     let app = spawn_app_with_broker(|_| {}).await;
     app.create_key("alice", json!({"id": 1})).await;
     let client = BrokerClient::connect(&app.settings.amqp.url).await;
-    client.publish_usage(999, &json!({"event_id": "u1", "api_key_id": 999, "tokens": 50})).await;
-    client.publish_usage(1, &json!({"event_id": "k1", "api_key_id": 1, "tokens": 7})).await;
+    client
+        .publish_usage(
+            999,
+            &json!({"event_id": "u1", "api_key_id": 999, "tokens": 50}),
+        )
+        .await;
+    client
+        .publish_usage(1, &json!({"event_id": "k1", "api_key_id": 1, "tokens": 7}))
+        .await;
     wait_for_stored_usage(&app, 1, 7).await;
-    eventually(WAIT, "the unknown-key event acknowledged", || async { (queued_messages(&app) == 0).then_some(()) }).await;
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    eventually(WAIT, "the unknown-key event acknowledged", || async {
+        (queued_messages(&app) == 0).then_some(())
+    })
+    .await;
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let unknown: f64 = metrics
         .lines()
         .find(|line| line.starts_with("quota_usage_unknown_key_total"))
         .and_then(|line| line.split_whitespace().last()?.parse().ok())
         .expect("the unknown-key counter is exported");
     assert!(unknown >= 1.0);
-    assert!(client.drain_dead_letters().await.is_empty(), "unknown keys are not malformed");
+    assert!(
+        client.drain_dead_letters().await.is_empty(),
+        "unknown keys are not malformed"
+    );
 }
 
 #[actix_web::test]
@@ -125,11 +234,17 @@ async fn checks_see_usage_before_it_is_committed() {
         settings.ingest.batch_size = 1_000;
     })
     .await;
-    app.create_key("alice", json!({"id": 4, "token_quota_monthly": 250})).await;
+    app.create_key("alice", json!({"id": 4, "token_quota_monthly": 250}))
+        .await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     assert_eq!(client.check(4, None).await["status"], 200);
     for i in 0..3 {
-        client.publish_usage(4, &json!({"event_id": format!("r{i}"), "api_key_id": 4, "tokens": 100})).await;
+        client
+            .publish_usage(
+                4,
+                &json!({"event_id": format!("r{i}"), "api_key_id": 4, "tokens": 100}),
+            )
+            .await;
     }
     let deadline = std::time::Instant::now() + WAIT;
     let reply: Value = loop {
@@ -137,7 +252,10 @@ async fn checks_see_usage_before_it_is_committed() {
         if reply["tokens_used_this_month"] == 300 {
             break reply;
         }
-        assert!(std::time::Instant::now() < deadline, "the check never saw the usage: {reply}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check never saw the usage: {reply}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(reply["status"], 429);
@@ -171,7 +289,8 @@ async fn concurrent_publishers_to_one_key_add_up_exactly() {
 #[actix_web::test]
 async fn late_events_go_to_their_window_and_future_ones_count_now() {
     let app = spawn_app_with_broker(|_| {}).await;
-    app.create_key("alice", json!({"id": 2, "token_quota_monthly": 100})).await;
+    app.create_key("alice", json!({"id": 2, "token_quota_monthly": 100}))
+        .await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     client
         .publish_usage(2, &json!({"event_id": "late", "api_key_id": 2, "tokens": 40, "occurred_at": "2026-10-31T23:59:59Z"}))

@@ -10,7 +10,10 @@ async fn healthz_answers_ok() {
     let app = spawn_app().await;
     let response = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(response.json::<Value>().await.unwrap(), serde_json::json!({"status": "ok"}));
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        serde_json::json!({"status": "ok"})
+    );
 }
 
 #[actix_web::test]
@@ -21,8 +24,17 @@ async fn readyz_names_the_database_when_it_is_gone() {
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["database"], "ok");
 
-    let database_name = app.settings.database.url.rsplit('/').next().unwrap().to_string();
-    let admin = Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
+    let database_name = app
+        .settings
+        .database
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let admin = Database::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
     admin
         .execute_raw(Statement::from_string(
             DbBackend::Postgres,
@@ -42,7 +54,10 @@ async fn metrics_are_prometheus_text() {
     let app = spawn_app().await;
     let response = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(content_type.starts_with("text/plain"), "{content_type}");
 }
 
@@ -71,8 +86,16 @@ fn run_binary(envs: &[(&str, &str)], args: &[&str]) -> std::process::Output {
 #[test]
 fn an_invalid_setting_exits_2_naming_the_key() {
     for (key, value, named) in [
-        ("QUOTA__SCHEDULER__INTERVAL_MS", "soon", "scheduler.interval_ms"),
-        ("QUOTA__SCHEDULER__INTERVAL_MS", "0", "scheduler.interval_ms"),
+        (
+            "QUOTA__SCHEDULER__INTERVAL_MS",
+            "soon",
+            "scheduler.interval_ms",
+        ),
+        (
+            "QUOTA__SCHEDULER__INTERVAL_MS",
+            "0",
+            "scheduler.interval_ms",
+        ),
         ("QUOTA__CHECK__UNKNOWN_KEY", "maybe", "check.unknown_key"),
         ("QUOTA__HTTP__BIND", "everywhere", "http.bind"),
         ("QUOTA__DATABASE__URL", "mysql://x", "database.url"),
@@ -93,9 +116,14 @@ fn a_missing_config_file_given_on_the_command_line_exits_2() {
 
 #[test]
 fn migrate_applies_the_schema_to_a_fresh_sqlite_file() {
-    let path = std::env::temp_dir().join(format!("qk_migrate_{}.db", uuid::Uuid::new_v4().simple()));
+    let path =
+        std::env::temp_dir().join(format!("qk_migrate_{}.db", uuid::Uuid::new_v4().simple()));
     let url = format!("sqlite://{}?mode=rwc", path.display());
     let output = run_binary(&[("QUOTA__DATABASE__URL", &url)], &["migrate"]);
     let _ = std::fs::remove_file(&path);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -30,36 +30,64 @@ async fn history_of(app: &TestApp, id: i64) -> Vec<(String, String, i64)> {
         .unwrap()
         .into_iter()
         .filter(|row| row.api_key_id == id)
-        .map(|row| (row.period_start.to_rfc3339(), row.period_end.to_rfc3339(), row.tokens))
+        .map(|row| {
+            (
+                row.period_start.to_rfc3339(),
+                row.period_end.to_rfc3339(),
+                row.tokens,
+            )
+        })
         .collect()
 }
 
 #[actix_web::test]
 async fn the_scheduler_alone_rolls_an_idle_key_into_january() {
-    let app = spawn_app_on(Backend::Postgres, |settings| settings.scheduler.interval_ms = 50).await;
+    let app = spawn_app_on(Backend::Postgres, |settings| {
+        settings.scheduler.interval_ms = 50
+    })
+    .await;
     app.clock.set(at("2026-12-31T23:59:59Z"));
-    app.create_key("alice", json!({"id": 1, "token_quota_monthly": 100})).await;
+    app.create_key("alice", json!({"id": 1, "token_quota_monthly": 100}))
+        .await;
     set_usage(&app, 1, 70).await;
     app.clock.set(at("2027-01-01T00:00:01Z"));
     let key = eventually(WAIT, "the scheduler to roll the key over", || async {
-        let key = entity::api_keys::Entity::find_by_id(1i64).one(&app.db).await.unwrap().unwrap();
+        let key = entity::api_keys::Entity::find_by_id(1i64)
+            .one(&app.db)
+            .await
+            .unwrap()
+            .unwrap();
         (key.quota_reset_at == at("2027-02-01T00:00:00Z")).then_some(key)
     })
     .await;
     assert_eq!(key.tokens_used_this_month, 0);
     assert_eq!(
         history_of(&app, 1).await,
-        vec![("2026-12-01T00:00:00+00:00".into(), "2027-01-01T00:00:00+00:00".into(), 70)]
+        vec![(
+            "2026-12-01T00:00:00+00:00".into(),
+            "2027-01-01T00:00:00+00:00".into(),
+            70
+        )]
     );
 }
 
 #[actix_web::test]
 async fn a_check_rolls_a_lapsed_window_over_before_answering() {
-    let app = spawn_app_on(Backend::Postgres, |settings| settings.scheduler.interval_ms = 3_600_000).await;
-    app.create_key("alice", json!({"id": 2, "token_quota_monthly": 100})).await;
+    let app = spawn_app_on(Backend::Postgres, |settings| {
+        settings.scheduler.interval_ms = 3_600_000
+    })
+    .await;
+    app.create_key("alice", json!({"id": 2, "token_quota_monthly": 100}))
+        .await;
     set_usage(&app, 2, 100).await;
     let check = || async {
-        app.admin(Method::POST, "/keys/2/check").send().await.unwrap().json::<Value>().await.unwrap()
+        app.admin(Method::POST, "/keys/2/check")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
     };
     assert_eq!(check().await["status"], 429);
     app.clock.set(at("2026-12-01T00:00:00Z"));
@@ -71,32 +99,60 @@ async fn a_check_rolls_a_lapsed_window_over_before_answering() {
 
 #[actix_web::test]
 async fn months_without_the_service_are_skipped_not_replayed() {
-    let app = spawn_app_on(Backend::Sqlite, |settings| settings.scheduler.interval_ms = 3_600_000).await;
+    let app = spawn_app_on(Backend::Sqlite, |settings| {
+        settings.scheduler.interval_ms = 3_600_000
+    })
+    .await;
     app.create_key("alice", json!({"id": 3})).await;
     set_usage(&app, 3, 30).await;
     app.clock.set(at("2027-03-10T12:00:00Z"));
-    let rolled = app.scheduler.send(RollOverLapsedKeys).await.unwrap().unwrap();
+    let rolled = app
+        .scheduler
+        .send(RollOverLapsedKeys)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rolled, 1);
-    let key = entity::api_keys::Entity::find_by_id(3i64).one(&app.db).await.unwrap().unwrap();
+    let key = entity::api_keys::Entity::find_by_id(3i64)
+        .one(&app.db)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(key.quota_reset_at, at("2027-04-01T00:00:00Z"));
     assert_eq!(key.tokens_used_this_month, 0);
     assert_eq!(
         history_of(&app, 3).await,
-        vec![("2026-11-01T00:00:00+00:00".into(), "2026-12-01T00:00:00+00:00".into(), 30)]
+        vec![(
+            "2026-11-01T00:00:00+00:00".into(),
+            "2026-12-01T00:00:00+00:00".into(),
+            30
+        )]
     );
-    assert_eq!(app.scheduler.send(RollOverLapsedKeys).await.unwrap().unwrap(), 0, "nothing twice");
+    assert_eq!(
+        app.scheduler
+            .send(RollOverLapsedKeys)
+            .await
+            .unwrap()
+            .unwrap(),
+        0,
+        "nothing twice"
+    );
 }
 
 #[actix_web::test]
 async fn a_late_event_across_the_year_boundary_lands_in_december() {
     let app = spawn_app_with_broker(|settings| settings.scheduler.interval_ms = 50).await;
     app.clock.set(at("2026-12-31T23:59:50Z"));
-    app.create_key("alice", json!({"id": 4, "token_quota_monthly": 1000})).await;
+    app.create_key("alice", json!({"id": 4, "token_quota_monthly": 1000}))
+        .await;
     set_usage(&app, 4, 50).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     assert_eq!(client.check(4, None).await["tokens_used_this_month"], 50);
     app.clock.set(at("2027-01-01T00:00:05Z"));
-    eventually(WAIT, "December archived", || async { (!history_of(&app, 4).await.is_empty()).then_some(()) }).await;
+    eventually(WAIT, "December archived", || async {
+        (!history_of(&app, 4).await.is_empty()).then_some(())
+    })
+    .await;
     client
         .publish_usage(4, &json!({"event_id": "late-dec", "api_key_id": 4, "tokens": 10, "occurred_at": "2026-12-31T23:59:58Z"}))
         .await;
@@ -107,7 +163,10 @@ async fn a_late_event_across_the_year_boundary_lands_in_december() {
         (history_of(&app, 4).await.first().map(|row| row.2) == Some(60)).then_some(())
     })
     .await;
-    eventually(WAIT, "January's event committed", || async { (app.stored_usage(4).await == 7).then_some(()) }).await;
+    eventually(WAIT, "January's event committed", || async {
+        (app.stored_usage(4).await == 7).then_some(())
+    })
+    .await;
     let reply = client.check(4, None).await;
     assert_eq!(reply["tokens_used_this_month"], 7);
     assert_eq!(reply["quota_reset_at"], "2027-02-01T00:00:00Z");
@@ -118,7 +177,14 @@ async fn a_late_event_across_the_year_boundary_lands_in_december() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(history_of(&app, 4).await.first().map(|row| row.2), Some(60));
 
-    let usage: Value = app.admin(Method::GET, "/keys/4/usage").send().await.unwrap().json().await.unwrap();
+    let usage: Value = app
+        .admin(Method::GET, "/keys/4/usage")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(
         usage,
         json!({
@@ -132,7 +198,10 @@ async fn a_late_event_across_the_year_boundary_lands_in_december() {
 
 #[actix_web::test]
 async fn usage_lists_history_newest_first() {
-    let app = spawn_app_on(Backend::Postgres, |settings| settings.scheduler.interval_ms = 3_600_000).await;
+    let app = spawn_app_on(Backend::Postgres, |settings| {
+        settings.scheduler.interval_ms = 3_600_000
+    })
+    .await;
     app.create_key("alice", json!({"id": 5})).await;
     for (month, tokens) in [("2026-09", 9), ("2026-10", 10)] {
         let start = at(&format!("{month}-01T00:00:00Z"));
@@ -147,18 +216,51 @@ async fn usage_lists_history_newest_first() {
         .await
         .unwrap();
     }
-    let usage: Value = app.admin(Method::GET, "/keys/5/usage").send().await.unwrap().json().await.unwrap();
-    let months: Vec<&str> = usage["history"].as_array().unwrap().iter().map(|h| h["period_start"].as_str().unwrap()).collect();
+    let usage: Value = app
+        .admin(Method::GET, "/keys/5/usage")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let months: Vec<&str> = usage["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["period_start"].as_str().unwrap())
+        .collect();
     assert_eq!(months, vec!["2026-10-01T00:00:00Z", "2026-09-01T00:00:00Z"]);
     assert_eq!(usage["current"]["period_start"], "2026-11-01T00:00:00Z");
-    assert_eq!(app.admin(Method::GET, "/keys/6/usage").send().await.unwrap().status(), 404);
-    assert_eq!(app.client.get(app.url("/keys/5/usage")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        app.admin(Method::GET, "/keys/6/usage")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.client
+            .get(app.url("/keys/5/usage"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
 }
 
 #[actix_web::test]
 async fn processed_event_ids_are_pruned_after_the_retention_period() {
-    let app = spawn_app_on(Backend::Postgres, |settings| settings.ingest.event_retention_days = 8).await;
-    for (id, processed_at) in [("old", "2026-11-10T00:00:00Z"), ("recent", "2026-11-20T00:00:00Z")] {
+    let app = spawn_app_on(Backend::Postgres, |settings| {
+        settings.ingest.event_retention_days = 8
+    })
+    .await;
+    for (id, processed_at) in [
+        ("old", "2026-11-10T00:00:00Z"),
+        ("recent", "2026-11-20T00:00:00Z"),
+    ] {
         processed_events::ActiveModel {
             event_id: Set(id.into()),
             api_key_id: Set(1),
@@ -168,7 +270,20 @@ async fn processed_event_ids_are_pruned_after_the_retention_period() {
         .await
         .unwrap();
     }
-    assert_eq!(app.scheduler.send(PruneProcessedEvents).await.unwrap().unwrap(), 1);
-    let left: Vec<String> = processed_events::Entity::find().all(&app.db).await.unwrap().into_iter().map(|e| e.event_id).collect();
+    assert_eq!(
+        app.scheduler
+            .send(PruneProcessedEvents)
+            .await
+            .unwrap()
+            .unwrap(),
+        1
+    );
+    let left: Vec<String> = processed_events::Entity::find()
+        .all(&app.db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
     assert_eq!(left, vec!["recent".to_string()]);
 }

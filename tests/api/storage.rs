@@ -37,7 +37,11 @@ async fn keys_round_trip(backend: Backend) {
     let found = api_keys::find_key(&db, created.id).await.unwrap().unwrap();
     assert_eq!(found, created);
     assert_eq!(found.quota_reset_at, at("2026-12-01T00:00:00Z"));
-    assert_eq!(found.token_quota_monthly, Some(9_000_000_000_000), "quotas are 64-bit");
+    assert_eq!(
+        found.token_quota_monthly,
+        Some(9_000_000_000_000),
+        "quotas are 64-bit"
+    );
 
     let changed = api_keys::update_key(
         &db,
@@ -57,7 +61,11 @@ async fn keys_round_trip(backend: Backend) {
     assert!(matches!(
         api_keys::create_key(
             &db,
-            api_keys::NewKey { id: Some(created.id), username: "bob".into(), ..Default::default() },
+            api_keys::NewKey {
+                id: Some(created.id),
+                username: "bob".into(),
+                ..Default::default()
+            },
             test_now()
         )
         .await,
@@ -74,7 +82,10 @@ async fn keys_round_trip(backend: Backend) {
     };
     history.clone().insert(&db).await.unwrap();
     let duplicate = history.insert(&db).await.unwrap_err();
-    assert!(matches!(duplicate.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))));
+    assert!(matches!(
+        duplicate.sql_err(),
+        Some(SqlErr::UniqueConstraintViolation(_))
+    ));
 
     // An event id is recorded once.
     let event = processed_events::ActiveModel {
@@ -84,18 +95,26 @@ async fn keys_round_trip(backend: Backend) {
     };
     event.clone().insert(&db).await.unwrap();
     let duplicate = event.insert(&db).await.unwrap_err();
-    assert!(matches!(duplicate.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))));
+    assert!(matches!(
+        duplicate.sql_err(),
+        Some(SqlErr::UniqueConstraintViolation(_))
+    ));
 
     // Deleting a key takes its history with it.
     assert!(api_keys::delete_key(&db, created.id).await.unwrap());
     assert!(!api_keys::delete_key(&db, created.id).await.unwrap());
-    assert_eq!(usage_history::Entity::find().all(&db).await.unwrap().len(), 0);
+    assert_eq!(
+        usage_history::Entity::find().all(&db).await.unwrap().len(),
+        0
+    );
     db.close().await.unwrap();
 }
 
 async fn migrations_go_down_and_up_again(backend: Backend) {
     let (_database, db) = migrated(backend).await;
-    Migrator::down(&db, None).await.expect("every migration has a down");
+    Migrator::down(&db, None)
+        .await
+        .expect("every migration has a down");
     Migrator::up(&db, None).await.expect("and applies again");
     let again = Migrator::get_pending_migrations(&db).await.unwrap();
     assert!(again.is_empty());

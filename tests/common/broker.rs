@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::Value;
@@ -23,7 +25,10 @@ impl BrokerClient {
             .await
             .expect("the test vhost accepts guest");
         let publisher = connection.create_channel().await.unwrap();
-        publisher.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         let rpc = connection.create_channel().await.unwrap();
         // Direct reply-to: consume the pseudo-queue without acks on the channel that publishes requests.
         let replies = rpc
@@ -68,7 +73,12 @@ impl BrokerClient {
 
     /// Publishes a usage event for `key` with the given JSON.
     pub async fn publish_usage(&self, key: i64, event: &Value) {
-        self.publish("quota.usage", &key.to_string(), &serde_json::to_vec(event).unwrap()).await;
+        self.publish(
+            "quota.usage",
+            &key.to_string(),
+            &serde_json::to_vec(event).unwrap(),
+        )
+        .await;
     }
 
     /// Sends a check request body for `key` and waits for the reply with the same correlation id.
@@ -94,7 +104,13 @@ impl BrokerClient {
                 .expect("a reply within 10 s")
                 .expect("the reply consumer is open")
                 .expect("a reply delivery");
-            if delivery.properties.correlation_id().as_ref().map(|id| id.as_str()) == Some(correlation_id.as_str()) {
+            if delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|id| id.as_str())
+                == Some(correlation_id.as_str())
+            {
                 return serde_json::from_slice(&delivery.data).expect("replies are JSON");
             }
         }
@@ -105,7 +121,8 @@ impl BrokerClient {
             Some(tokens) => serde_json::json!({"api_key_id": key, "tokens": tokens}),
             None => serde_json::json!({"api_key_id": key}),
         };
-        self.check_raw(&key.to_string(), &serde_json::to_vec(&body).unwrap()).await
+        self.check_raw(&key.to_string(), &serde_json::to_vec(&body).unwrap())
+            .await
     }
 
     /// Publishes a check without `reply_to`.
@@ -136,7 +153,12 @@ impl BrokerClient {
                 .properties
                 .headers()
                 .as_ref()
-                .and_then(|headers| headers.inner().get(&lapin::types::ShortString::from("x-quota-error")).cloned())
+                .and_then(|headers| {
+                    headers
+                        .inner()
+                        .get(&lapin::types::ShortString::from("x-quota-error"))
+                        .cloned()
+                })
                 .map(|value| match value {
                     lapin::types::AMQPValue::LongString(text) => text.to_string(),
                     other => format!("{other:?}"),

@@ -32,7 +32,10 @@ impl TestDatabase {
                     .await
                     .expect("PostgreSQL must be running on 127.0.0.1:5432 (see .ci/run)");
                 admin
-                    .execute_raw(Statement::from_string(DbBackend::Postgres, format!("CREATE DATABASE {name}")))
+                    .execute_raw(Statement::from_string(
+                        DbBackend::Postgres,
+                        format!("CREATE DATABASE {name}"),
+                    ))
                     .await
                     .expect("the postgres user may create databases");
                 let _ = admin.close().await;
@@ -52,7 +55,10 @@ impl TestDatabase {
 }
 
 pub fn sqlite_path(name: &str) -> String {
-    std::env::temp_dir().join(format!("{name}.db")).display().to_string()
+    std::env::temp_dir()
+        .join(format!("{name}.db"))
+        .display()
+        .to_string()
 }
 
 impl Drop for TestDatabase {
@@ -141,7 +147,10 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

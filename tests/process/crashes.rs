@@ -27,14 +27,26 @@ async fn sigterm_commits_and_acknowledges_everything_then_exits_0() {
     let expected = publish_events(&client, "term", &KEYS, 500).await;
     // Consumed (the checks see it) but not committed.
     for (key, total) in &expected {
-        crate::common::eventually(Duration::from_secs(20), "the service to consume", || async {
-            (service.http_check(*key).await.1["tokens_used_this_month"] == *total).then_some(())
-        })
+        crate::common::eventually(
+            Duration::from_secs(20),
+            "the service to consume",
+            || async {
+                (service.http_check(*key).await.1["tokens_used_this_month"] == *total).then_some(())
+            },
+        )
         .await;
     }
-    assert!(scenario.stored_totals(&KEYS).await.values().all(|&total| total == 0));
+    assert!(scenario
+        .stored_totals(&KEYS)
+        .await
+        .values()
+        .all(|&total| total == 0));
     let (status, took) = service.terminate();
-    assert!(status.success(), "exit status {status:?}; log: {}", service.log());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log: {}",
+        service.log()
+    );
     assert!(took < Duration::from_secs(10), "stopped in {took:?}");
     assert_eq!(scenario.stored_totals(&KEYS).await, expected);
     assert_eq!(scenario.queued_messages(), 0, "every delivery acknowledged");
@@ -83,7 +95,10 @@ async fn five_sigkills_at_random_moments_then_exact_totals() {
         service.kill();
         service = scenario.start();
         service.wait_ready().await;
-        add_totals(&mut expected, &publisher.await.expect("the publisher finishes"));
+        add_totals(
+            &mut expected,
+            &publisher.await.expect("the publisher finishes"),
+        );
     }
     assert_totals_become(&scenario, &expected).await;
 }

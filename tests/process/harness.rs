@@ -33,7 +33,10 @@ impl Scenario {
             ("QUOTA__AMQP__URL".into(), vhost.url()),
             ("QUOTA__AMQP__SHARDS".into(), "4".into()),
             ("QUOTA__AMQP__PREFETCH".into(), "2000".into()),
-            ("QUOTA__AMQP__RECONNECT_MAX_BACKOFF_MS".into(), "1000".into()),
+            (
+                "QUOTA__AMQP__RECONNECT_MAX_BACKOFF_MS".into(),
+                "1000".into(),
+            ),
             ("QUOTA__HTTP__BIND".into(), format!("127.0.0.1:{port}")),
             ("QUOTA__ADMIN__PASSWORD".into(), ADMIN_PASSWORD.into()),
             ("QUOTA__INGEST__BATCH_SIZE".into(), "100".into()),
@@ -43,7 +46,12 @@ impl Scenario {
             env.retain(|(existing, _)| existing != key);
             env.push((key.to_string(), value.to_string()));
         }
-        Scenario { database, vhost, port, env }
+        Scenario {
+            database,
+            vhost,
+            port,
+            env,
+        }
     }
 
     pub fn start(&self) -> Service {
@@ -76,7 +84,9 @@ impl Scenario {
 
     /// The committed counters of the given keys.
     pub async fn stored_totals(&self, keys: &[i64]) -> BTreeMap<i64, i64> {
-        let db = sea_orm::Database::connect(&self.database.url).await.expect("PostgreSQL is up");
+        let db = sea_orm::Database::connect(&self.database.url)
+            .await
+            .expect("PostgreSQL is up");
         let mut totals = BTreeMap::new();
         for &key in keys {
             let row = <entity::api_keys::Entity as sea_orm::EntityTrait>::find_by_id(key)
@@ -93,7 +103,15 @@ impl Scenario {
     /// Messages ready or unacknowledged in the shard queues.
     pub fn queued_messages(&self) -> u64 {
         let output = Command::new("rabbitmqctl")
-            .args(["-q", "list_queues", "-p", &self.vhost.name, "--no-table-headers", "name", "messages"])
+            .args([
+                "-q",
+                "list_queues",
+                "-p",
+                &self.vhost.name,
+                "--no-table-headers",
+                "name",
+                "messages",
+            ])
             .output()
             .expect("rabbitmqctl runs");
         String::from_utf8_lossy(&output.stdout)
@@ -135,7 +153,11 @@ impl Service {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "not ready within 30 s; log: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "not ready within 30 s; log: {}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -145,7 +167,12 @@ impl Service {
     }
 
     pub async fn readyz(&self) -> (u16, Value) {
-        let response = self.http.get(self.url("/readyz")).send().await.expect("the service answers HTTP");
+        let response = self
+            .http
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .expect("the service answers HTTP");
         let status = response.status().as_u16();
         (status, response.json().await.expect("readyz is JSON"))
     }
@@ -171,7 +198,10 @@ impl Service {
             .await
             .expect("the service answers HTTP");
         let status = response.status().as_u16();
-        (status, response.json().await.expect("check replies are JSON"))
+        (
+            status,
+            response.json().await.expect("check replies are JSON"),
+        )
     }
 
     pub fn kill(&mut self) {
@@ -185,8 +215,13 @@ impl Service {
     pub fn terminate(&mut self) -> (ExitStatus, Duration) {
         let mut child = self.child.take().expect("the service is running");
         let started = Instant::now();
-        let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        assert!(sent.is_ok_and(|status| status.success()), "kill -TERM works");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        assert!(
+            sent.is_ok_and(|status| status.success()),
+            "kill -TERM works"
+        );
         loop {
             if let Some(status) = child.try_wait().expect("waiting on the child works") {
                 return (status, started.elapsed());
@@ -214,7 +249,12 @@ impl Drop for Service {
 }
 
 /// Publishes `count` events over `keys` with confirms; returns what each key should total.
-pub async fn publish_events(client: &BrokerClient, prefix: &str, keys: &[i64], count: usize) -> BTreeMap<i64, i64> {
+pub async fn publish_events(
+    client: &BrokerClient,
+    prefix: &str,
+    keys: &[i64],
+    count: usize,
+) -> BTreeMap<i64, i64> {
     let mut expected: BTreeMap<i64, i64> = keys.iter().map(|&key| (key, 0)).collect();
     // A Send generator: publishers run as spawned tasks.
     let mut rng = rand::rngs::StdRng::from_os_rng();
@@ -222,7 +262,10 @@ pub async fn publish_events(client: &BrokerClient, prefix: &str, keys: &[i64], c
         let key = keys[rng.random_range(0..keys.len())];
         let tokens: i64 = rng.random_range(1..=100);
         client
-            .publish_usage(key, &json!({"event_id": format!("{prefix}-{i}"), "api_key_id": key, "tokens": tokens}))
+            .publish_usage(
+                key,
+                &json!({"event_id": format!("{prefix}-{i}"), "api_key_id": key, "tokens": tokens}),
+            )
             .await;
         *expected.get_mut(&key).expect("keys are known") += tokens;
     }
@@ -239,11 +282,19 @@ pub fn add_totals(total: &mut BTreeMap<i64, i64>, more: &BTreeMap<i64, i64>) {
 /// Waits until every published event is committed and acknowledged, then checks the totals stay exact.
 pub async fn assert_totals_become(scenario: &Scenario, expected: &BTreeMap<i64, i64>) {
     let keys: Vec<i64> = expected.keys().copied().collect();
-    eventually(Duration::from_secs(60), "the committed totals to match what was published", || async {
-        let stored = scenario.stored_totals(&keys).await;
-        (stored == *expected && scenario.queued_messages() == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the committed totals to match what was published",
+        || async {
+            let stored = scenario.stored_totals(&keys).await;
+            (stored == *expected && scenario.queued_messages() == 0).then_some(())
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(scenario.stored_totals(&keys).await, *expected, "and nothing more arrives");
+    assert_eq!(
+        scenario.stored_totals(&keys).await,
+        *expected,
+        "and nothing more arrives"
+    );
 }

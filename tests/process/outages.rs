@@ -14,7 +14,10 @@ struct BrokerStopped;
 
 impl BrokerStopped {
     fn stop() -> BrokerStopped {
-        let status = Command::new("rabbitmqctl").args(["-q", "stop_app"]).status().expect("rabbitmqctl runs");
+        let status = Command::new("rabbitmqctl")
+            .args(["-q", "stop_app"])
+            .status()
+            .expect("rabbitmqctl runs");
         assert!(status.success());
         BrokerStopped
     }
@@ -22,8 +25,12 @@ impl BrokerStopped {
 
 impl Drop for BrokerStopped {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["-q", "start_app"]).status();
-        let _ = Command::new("rabbitmqctl").args(["-q", "await_startup"]).status();
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .status();
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "await_startup"])
+            .status();
     }
 }
 
@@ -56,7 +63,9 @@ impl Drop for DatabaseStopped {
     fn drop(&mut self) {
         pg_ctlcluster("start");
         for _ in 0..100 {
-            let ready = Command::new("pg_isready").args(["-h", "127.0.0.1", "-q"]).status();
+            let ready = Command::new("pg_isready")
+                .args(["-h", "127.0.0.1", "-q"])
+                .status();
             if ready.is_ok_and(|status| status.success()) {
                 return;
             }
@@ -86,17 +95,34 @@ async fn a_broker_restart_while_events_flow_loses_and_doubles_nothing() {
     })
     .await;
     assert_eq!(status, 503);
-    assert!(body["failing"].as_array().unwrap().iter().any(|name| name == "broker"), "{body}");
+    assert!(
+        body["failing"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|name| name == "broker"),
+        "{body}"
+    );
     assert!(service.is_running(), "the process stays up");
-    assert_eq!(service.http_check(1).await.0, 200, "checks are still answered over HTTP");
+    assert_eq!(
+        service.http_check(1).await.0,
+        200,
+        "checks are still answered over HTTP"
+    );
     drop(stopped);
 
     service.wait_ready().await;
     let mut client = scenario.broker().await;
-    add_totals(&mut expected, &publish_events(&client, "after", &KEYS, 500).await);
+    add_totals(
+        &mut expected,
+        &publish_events(&client, "after", &KEYS, 500).await,
+    );
     assert_totals_become(&scenario, &expected).await;
     let reply = client.check(1, None).await;
-    assert_eq!(reply["tokens_used_this_month"], expected[&1], "checks over AMQP resume");
+    assert_eq!(
+        reply["tokens_used_this_month"], expected[&1],
+        "checks over AMQP resume"
+    );
 }
 
 #[tokio::test]
@@ -118,7 +144,13 @@ async fn a_database_outage_keeps_checks_answered_and_acknowledges_only_after_com
     add_totals(&mut expected, &during);
     let body = eventually(WAIT, "readyz to report the database", || async {
         let (status, body) = service.readyz().await;
-        (status == 503 && body["failing"].as_array().unwrap().iter().any(|name| name == "database")).then_some(body)
+        (status == 503
+            && body["failing"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|name| name == "database"))
+        .then_some(body)
     })
     .await;
     assert_ne!(body["database"], "ok");
@@ -129,12 +161,19 @@ async fn a_database_outage_keeps_checks_answered_and_acknowledges_only_after_com
         if reply["tokens_used_this_month"] == expected[&1] {
             break reply;
         }
-        assert!(std::time::Instant::now() < deadline, "the check never saw the usage: {reply}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check never saw the usage: {reply}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(reply["status"], 200);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(scenario.queued_messages(), 300, "nothing acknowledged before it is committed");
+    assert_eq!(
+        scenario.queued_messages(),
+        300,
+        "nothing acknowledged before it is committed"
+    );
     assert!(service.is_running());
     drop(stopped);
 

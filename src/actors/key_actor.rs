@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
@@ -101,6 +101,11 @@ pub struct WindowRolled {
 #[rtype(result = "Result<Option<QuotaState>, KeyError>")]
 pub struct DescribeKey;
 
+/// The registry saw no request for this key for the idle timeout: stop unless tokens are pending.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "()")]
+pub struct StopIfIdle;
+
 /// Stop now (the key was created or changed behind the actor's back).
 #[derive(Clone, Copy, Debug, Message)]
 #[rtype(result = "()")]
@@ -111,7 +116,6 @@ static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// A resident key: the committed counter plus what is consumed but not yet committed.
 struct Resident {
-    username: Box<str>,
     quota: Option<i64>,
     committed: i64,
     pending: i64,
@@ -150,7 +154,6 @@ pub struct KeyActor {
     id: i64,
     generation: u64,
     state: KeyState,
-    last_activity: Instant,
     shared: Arc<RegistryShared>,
 }
 
@@ -160,9 +163,15 @@ impl KeyActor {
             id,
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             state: KeyState::Loading,
-            last_activity: Instant::now(),
             shared,
         }
+    }
+
+    /// An actor for a key already read from the database (bulk warm-up): no load of its own.
+    pub(crate) fn resident(key: Model, shared: Arc<RegistryShared>) -> Self {
+        let mut actor = KeyActor::new(key.id, shared);
+        actor.become_resident(key);
+        actor
     }
 
     /// Adopts the stored key, keeping tokens still pending in the same window.
@@ -174,7 +183,6 @@ impl KeyActor {
             _ => 0,
         };
         self.state = KeyState::Resident(Resident {
-            username: key.username.into_boxed_str(),
             quota: key.token_quota_monthly,
             committed: key.tokens_used_this_month,
             pending,
@@ -182,8 +190,8 @@ impl KeyActor {
         });
     }
 
-    fn owned_by(&self, username: &str) -> bool {
-        matches!(&self.state, KeyState::Resident(resident) if *resident.username == *username)
+    fn is_resident(&self) -> bool {
+        matches!(self.state, KeyState::Resident(_))
     }
 
     fn has_pending(&self) -> bool {
@@ -205,31 +213,26 @@ impl Actor for KeyActor {
         metrics::gauge!(crate::metrics::RESIDENT_KEY_ACTORS).increment(1.0);
         let db = self.shared.db.clone();
         let id = self.id;
+        let loading = matches!(self.state, KeyState::Loading);
         // `wait` holds every message until the key is loaded, so none sees a half-built state.
-        ctx.wait(
-            async move { api_keys::find_key(&db, id).await }
-                .into_actor(self)
-                .map(move |loaded, actor, ctx| match loaded {
-                    Ok(Some(key)) => actor.become_resident(key),
-                    Ok(None) => {
-                        actor.state = KeyState::Unknown;
-                        ctx.run_later(NEGATIVE_ENTRY_LIFETIME, |_, ctx| ctx.stop());
-                    }
-                    Err(error) => {
-                        tracing::warn!(api_key_id = id, %error, "could not load API key");
-                        actor.state = KeyState::LoadFailed(error.to_string());
-                        ctx.run_later(FAILED_LOAD_RETRY_AFTER, |_, ctx| ctx.stop());
-                    }
-                }),
-        );
-        let idle_timeout = self.shared.idle_timeout;
-        let sweep_every = (idle_timeout / 2).max(Duration::from_millis(100));
-        ctx.run_interval(sweep_every, move |actor, ctx| {
-            // Pending tokens would be forgotten with the actor: stay until they are committed.
-            if actor.last_activity.elapsed() >= idle_timeout && !actor.has_pending() {
-                ctx.stop();
-            }
-        });
+        if loading {
+            ctx.wait(
+                async move { api_keys::find_key(&db, id).await }
+                    .into_actor(self)
+                    .map(move |loaded, actor, ctx| match loaded {
+                        Ok(Some(key)) => actor.become_resident(key),
+                        Ok(None) => {
+                            actor.state = KeyState::Unknown;
+                            ctx.run_later(NEGATIVE_ENTRY_LIFETIME, |_, ctx| ctx.stop());
+                        }
+                        Err(error) => {
+                            tracing::warn!(api_key_id = id, %error, "could not load API key");
+                            actor.state = KeyState::LoadFailed(error.to_string());
+                            ctx.run_later(FAILED_LOAD_RETRY_AFTER, |_, ctx| ctx.stop());
+                        }
+                    }),
+            );
+        }
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
@@ -242,7 +245,6 @@ impl Handler<CheckQuota> for KeyActor {
     type Result = Result<CheckReply, KeyError>;
 
     fn handle(&mut self, msg: CheckQuota, _: &mut Self::Context) -> Self::Result {
-        self.last_activity = Instant::now();
         if let Some(error) = self.unavailable() {
             return Err(error);
         }
@@ -268,8 +270,7 @@ impl Handler<UpdateKey> for KeyActor {
     type Result = AtomicResponse<Self, Result<Option<Model>, KeyError>>;
 
     fn handle(&mut self, msg: UpdateKey, _: &mut Self::Context) -> Self::Result {
-        self.last_activity = Instant::now();
-        let owned = self.owned_by(&msg.username);
+        let resident = self.is_resident();
         let failed = self.unavailable();
         let db = self.shared.db.clone();
         let now = self.shared.clock.now();
@@ -280,12 +281,21 @@ impl Handler<UpdateKey> for KeyActor {
                 if let Some(error) = failed {
                     return Err(error);
                 }
-                if !owned {
+                if !resident {
+                    return Ok(None);
+                }
+                let unavailable = |error: sea_orm::DbErr| KeyError::Unavailable(error.to_string());
+                // The owner is checked in the database: actors keep no usernames, to stay small.
+                if api_keys::find_user_key(&db, &msg.username, id)
+                    .await
+                    .map_err(unavailable)?
+                    .is_none()
+                {
                     return Ok(None);
                 }
                 api_keys::update_key(&db, id, msg.change, now)
                     .await
-                    .map_err(|error| KeyError::Unavailable(error.to_string()))
+                    .map_err(unavailable)
             }
             .into_actor(self)
             .map(|result, actor, _| {
@@ -303,7 +313,7 @@ impl Handler<DeleteKey> for KeyActor {
     type Result = AtomicResponse<Self, Result<bool, KeyError>>;
 
     fn handle(&mut self, msg: DeleteKey, _: &mut Self::Context) -> Self::Result {
-        let owned = self.owned_by(&msg.username);
+        let resident = self.is_resident();
         let failed = self.unavailable();
         let db = self.shared.db.clone();
         let id = self.id;
@@ -312,12 +322,18 @@ impl Handler<DeleteKey> for KeyActor {
                 if let Some(error) = failed {
                     return Err(error);
                 }
-                if !owned {
+                if !resident {
                     return Ok(false);
                 }
-                api_keys::delete_key(&db, id)
+                let unavailable = |error: sea_orm::DbErr| KeyError::Unavailable(error.to_string());
+                if api_keys::find_user_key(&db, &msg.username, id)
                     .await
-                    .map_err(|error| KeyError::Unavailable(error.to_string()))
+                    .map_err(unavailable)?
+                    .is_none()
+                {
+                    return Ok(false);
+                }
+                api_keys::delete_key(&db, id).await.map_err(unavailable)
             }
             .into_actor(self)
             .map(|result, actor, ctx| {
@@ -335,7 +351,6 @@ impl Handler<RecordUsage> for KeyActor {
     type Result = Result<UsageRecorded, KeyError>;
 
     fn handle(&mut self, msg: RecordUsage, _: &mut Self::Context) -> Self::Result {
-        self.last_activity = Instant::now();
         if let Some(error) = self.unavailable() {
             return Err(error);
         }
@@ -403,7 +418,6 @@ impl Handler<DescribeKey> for KeyActor {
     type Result = Result<Option<QuotaState>, KeyError>;
 
     fn handle(&mut self, _: DescribeKey, _: &mut Self::Context) -> Self::Result {
-        self.last_activity = Instant::now();
         if let Some(error) = self.unavailable() {
             return Err(error);
         }
@@ -414,6 +428,17 @@ impl Handler<DescribeKey> for KeyActor {
                 Ok(Some(resident.view()))
             }
             _ => Ok(None),
+        }
+    }
+}
+
+impl Handler<StopIfIdle> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopIfIdle, ctx: &mut Self::Context) {
+        // Pending tokens would be forgotten with the actor: stay until they are committed.
+        if !self.has_pending() {
+            ctx.stop();
         }
     }
 }

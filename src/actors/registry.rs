@@ -2,15 +2,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use entity::api_keys::Model;
 use sea_orm::DatabaseConnection;
 
 use super::key_actor::{
-    CheckQuota, DeleteKey, DescribeKey, KeyActor, KeyError, RecordUsage, StopKeyActor, UpdateKey,
-    UsageCommitted, UsageRecorded, WindowRolled,
+    CheckQuota, DeleteKey, DescribeKey, KeyActor, KeyError, RecordUsage, StopIfIdle, StopKeyActor,
+    UpdateKey, UsageCommitted, UsageRecorded, WindowRolled,
 };
 use crate::clock::SharedClock;
 use crate::db::api_keys::KeyChange;
@@ -21,6 +21,8 @@ use crate::settings::UnknownKeyPolicy;
 
 /// Lock stripes of the id → actor map, so lookups from many threads rarely contend.
 const MAP_STRIPES: usize = 64;
+/// Shortest pause between idle sweeps.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// A message that meets a stopping actor is sent again to a fresh one, this many times at most.
 const MAX_SEND_ATTEMPTS: usize = 4;
 
@@ -30,13 +32,30 @@ pub struct RegistryShared {
     pub(crate) clock: SharedClock,
     pub(crate) unknown_key: UnknownKeyPolicy,
     pub(crate) idle_timeout: Duration,
-    stripes: Vec<Mutex<HashMap<i64, Addr<KeyActor>>>>,
+    stripes: Vec<Mutex<HashMap<i64, Entry>>>,
     arbiters: Vec<ArbiterHandle>,
+    /// Origin of `Entry::last_used_secs`.
+    started: Instant,
+}
+
+/// A running key actor and when a request last went to it. The registry, not the actor, keeps
+/// the time: one timer sweeps every key instead of one timer per actor (memory per key).
+struct Entry {
+    addr: Addr<KeyActor>,
+    last_used_secs: u32,
 }
 
 impl RegistryShared {
-    fn stripe(&self, id: i64) -> &Mutex<HashMap<i64, Addr<KeyActor>>> {
+    fn stripe(&self, id: i64) -> &Mutex<HashMap<i64, Entry>> {
         &self.stripes[id.rem_euclid(MAP_STRIPES as i64) as usize]
+    }
+
+    fn arbiter(&self, id: i64) -> &ArbiterHandle {
+        &self.arbiters[id.rem_euclid(self.arbiters.len() as i64) as usize]
+    }
+
+    fn now_secs(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
     /// Removes `id` from the map if it still points at `addr` (a newer actor may have replaced it).
@@ -45,8 +64,26 @@ impl RegistryShared {
             .stripe(id)
             .lock()
             .expect("registry stripes are never held across a panic");
-        if map.get(&id) == Some(addr) {
+        if map.get(&id).is_some_and(|entry| entry.addr == *addr) {
             map.remove(&id);
+        }
+    }
+
+    /// Asks every actor without a request for the idle timeout to stop (it stays if tokens are pending).
+    fn sweep_idle(&self) {
+        let idle_secs = u32::try_from(self.idle_timeout.as_secs()).unwrap_or(u32::MAX);
+        let now = self.now_secs();
+        for stripe in &self.stripes {
+            let idle: Vec<Addr<KeyActor>> = stripe
+                .lock()
+                .expect("registry stripes are never held across a panic")
+                .values()
+                .filter(|entry| now.saturating_sub(entry.last_used_secs) >= idle_secs)
+                .map(|entry| entry.addr.clone())
+                .collect();
+            for addr in idle {
+                addr.do_send(StopIfIdle);
+            }
         }
     }
 }
@@ -58,7 +95,8 @@ pub struct KeyRegistry {
 }
 
 impl KeyRegistry {
-    /// Starts `arbiters` threads (0: one per core) to run key actors. Must run inside an actix `System`.
+    /// Starts `arbiters` threads (0: one per core) to run key actors, and the idle sweeper.
+    /// Must run inside an actix `System`.
     pub fn start(
         db: DatabaseConnection,
         clock: SharedClock,
@@ -72,38 +110,83 @@ impl KeyRegistry {
             arbiters
         };
         let arbiters = (0..count).map(|_| Arbiter::new().handle()).collect();
-        KeyRegistry {
-            shared: Arc::new(RegistryShared {
-                db,
-                clock,
-                unknown_key,
-                idle_timeout,
-                stripes: (0..MAP_STRIPES)
-                    .map(|_| Mutex::new(HashMap::new()))
-                    .collect(),
-                arbiters,
-            }),
-        }
+        let shared = Arc::new(RegistryShared {
+            db,
+            clock,
+            unknown_key,
+            idle_timeout,
+            stripes: (0..MAP_STRIPES)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            arbiters,
+            started: Instant::now(),
+        });
+        let sweeper = Arc::downgrade(&shared);
+        let sweep_every = (idle_timeout / 2).max(MIN_SWEEP_INTERVAL);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(sweep_every).await;
+                // The registry is gone: nothing left to sweep.
+                let Some(shared) = sweeper.upgrade() else {
+                    return;
+                };
+                shared.sweep_idle();
+            }
+        });
+        KeyRegistry { shared }
     }
 
     /// The running actor of `id`, started (on the arbiter the id maps to) if there is none.
     fn actor_for(&self, id: i64) -> Addr<KeyActor> {
+        let now = self.shared.now_secs();
         let mut map = self
             .shared
             .stripe(id)
             .lock()
             .expect("registry stripes are never held across a panic");
-        if let Some(addr) = map.get(&id) {
-            if addr.connected() {
-                return addr.clone();
+        if let Some(entry) = map.get_mut(&id) {
+            if entry.addr.connected() {
+                entry.last_used_secs = now;
+                return entry.addr.clone();
             }
         }
-        let arbiter =
-            &self.shared.arbiters[id.rem_euclid(self.shared.arbiters.len() as i64) as usize];
         let shared = Arc::clone(&self.shared);
-        let addr = KeyActor::start_in_arbiter(arbiter, move |_| KeyActor::new(id, shared));
-        map.insert(id, addr.clone());
+        let addr =
+            KeyActor::start_in_arbiter(self.shared.arbiter(id), move |_| KeyActor::new(id, shared));
+        map.insert(
+            id,
+            Entry {
+                addr: addr.clone(),
+                last_used_secs: now,
+            },
+        );
         addr
+    }
+
+    /// Starts actors for keys already read from the database (a bulk warm-up), replacing none that run.
+    pub fn start_resident(&self, keys: impl IntoIterator<Item = Model>) {
+        for key in keys {
+            let id = key.id;
+            let mut map = self
+                .shared
+                .stripe(id)
+                .lock()
+                .expect("registry stripes are never held across a panic");
+            if map.get(&id).is_some_and(|entry| entry.addr.connected()) {
+                continue;
+            }
+            let shared = Arc::clone(&self.shared);
+            let addr = KeyActor::start_in_arbiter(self.shared.arbiter(id), move |_| {
+                KeyActor::resident(key, shared)
+            });
+            map.insert(
+                id,
+                Entry {
+                    addr,
+                    last_used_secs: self.shared.now_secs(),
+                },
+            );
+        }
     }
 
     /// Sends `msg` to the actor of `id`, retrying on a fresh actor if it met one that was stopping.
@@ -197,7 +280,7 @@ impl KeyRegistry {
             .lock()
             .expect("registry stripes are never held across a panic")
             .get(&id)
-            .cloned()
+            .map(|entry| entry.addr.clone())
     }
 
     /// Tells the actor of `id`, if resident, what its batch committed; a non-resident key loads fresh anyway.
@@ -233,8 +316,8 @@ impl KeyRegistry {
             .lock()
             .expect("registry stripes are never held across a panic")
             .remove(&id);
-        if let Some(addr) = addr {
-            addr.do_send(StopKeyActor);
+        if let Some(entry) = addr {
+            entry.addr.do_send(StopKeyActor);
         }
     }
 
@@ -267,7 +350,7 @@ impl KeyRegistry {
                 .lock()
                 .expect("registry stripes are never held across a panic")
                 .drain()
-                .map(|(_, addr)| addr)
+                .map(|(_, entry)| entry.addr)
                 .collect();
             for addr in actors {
                 addr.do_send(StopKeyActor);

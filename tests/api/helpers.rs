@@ -43,6 +43,7 @@ pub struct TestApp {
     pub settings: Settings,
     pub readiness: Arc<Readiness>,
     pub scheduler: actix::Addr<quota_keeper::actors::scheduler::Scheduler>,
+    pub registry: quota_keeper::actors::registry::KeyRegistry,
     pub vhost: Option<TestVhost>,
     _database: TestDatabase,
 }
@@ -82,6 +83,7 @@ pub async fn spawn_app_on(backend: Backend, customize: impl FnOnce(&mut Settings
     let db = app.db().clone();
     let readiness = app.readiness();
     let scheduler = app.scheduler();
+    let registry = app.registry().clone();
     actix_web::rt::spawn(app.run_until(std::future::pending()));
     TestApp {
         address,
@@ -91,6 +93,7 @@ pub async fn spawn_app_on(backend: Backend, customize: impl FnOnce(&mut Settings
         settings,
         readiness,
         scheduler,
+        registry,
         vhost: None,
         _database: database,
     }

@@ -310,3 +310,45 @@ async fn late_events_go_to_their_window_and_future_ones_count_now() {
     assert_eq!(history[0].tokens, 40);
     assert_eq!(client.check(2, None).await["tokens_used_this_month"], 15);
 }
+
+#[actix_web::test]
+async fn idle_actors_stop_unless_tokens_are_pending() {
+    let app = spawn_app_with_broker(|settings| {
+        settings.actors.idle_timeout_secs = 1;
+        settings.ingest.flush_interval_ms = 600_000;
+    })
+    .await;
+    app.create_key("alice", json!({"id": 1})).await;
+    app.create_key("alice", json!({"id": 2})).await;
+    let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
+    client.check(1, None).await;
+    client
+        .publish_usage(
+            2,
+            &json!({"event_id": "held", "api_key_id": 2, "tokens": 5}),
+        )
+        .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while client.check(2, None).await["tokens_used_this_month"] != 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage never reached the actor"
+        );
+    }
+    assert_eq!(app.registry.resident_count(), 2);
+    eventually(WAIT, "the idle actor of key 1 to stop", || async {
+        (app.registry.resident_count() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        app.registry.resident_count(),
+        1,
+        "key 2 holds pending tokens and stays"
+    );
+    let reply = client.check(2, None).await;
+    assert_eq!(
+        reply["tokens_used_this_month"], 5,
+        "nothing pending was lost"
+    );
+}

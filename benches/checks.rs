@@ -1,0 +1,289 @@
+//! Check path benchmark: RabbitMQ round trip against a bare lapin echo RPC server on the same broker,
+//! the in-process actor round trip against a bare actix ping, and memory per resident key actor.
+//!
+//! Run: `cargo bench --bench checks` (PostgreSQL and RabbitMQ as in the README).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
+/// The allocator of the `quota-keeper` binary, so memory is measured as the service runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use support::{insert_keys, resident_bytes, rpc_load, start_app, RpcStats};
+
+const KEYS: i64 = 1_000;
+const ECHO_QUEUE: &str = "bench.echo";
+const MEMORY_KEYS: i64 = 1_000_000;
+const IN_PROCESS_CALLS: usize = 200_000;
+
+fn main() {
+    actix_web::rt::System::new().block_on(run());
+}
+
+/// The baseline: consume, publish the body back to `reply_to` with the correlation id, ack.
+async fn echo_server(url: String, ready: std::sync::mpsc::Sender<()>) {
+    let connection = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            ECHO_QUEUE.into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("echo queue");
+    channel
+        .basic_qos(10_000, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let replies = connection.create_channel().await.expect("channel");
+    let mut consumer = channel
+        .basic_consume(
+            ECHO_QUEUE.into(),
+            "echo".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let _ = ready.send(());
+    while let Some(Ok(delivery)) = consumer.next().await {
+        let Some(reply_to) = delivery.properties.reply_to().clone() else {
+            continue;
+        };
+        let mut properties = BasicProperties::default();
+        if let Some(id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(id.clone());
+        }
+        let _ = replies
+            .basic_publish(
+                "".into(),
+                reply_to,
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await;
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    }
+}
+
+fn in_thread<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(work)
+    })
+}
+
+fn check_target(i: usize) -> (String, String, Vec<u8>) {
+    let key = (i as i64 % KEYS) + 1;
+    (
+        "quota.check".into(),
+        key.to_string(),
+        format!(r#"{{"api_key_id": {key}, "tokens": 10}}"#).into_bytes(),
+    )
+}
+
+fn echo_target(i: usize) -> (String, String, Vec<u8>) {
+    let key = (i as i64 % KEYS) + 1;
+    (
+        "".into(),
+        ECHO_QUEUE.into(),
+        format!(r#"{{"api_key_id": {key}, "tokens": 10}}"#).into_bytes(),
+    )
+}
+
+/// A do-nothing actor: the floor of an actix request/response across threads.
+struct Pong;
+impl Actor for Pong {
+    type Context = Context<Self>;
+}
+#[derive(Message)]
+#[rtype(result = "u64")]
+struct Ping(u64);
+impl Handler<Ping> for Pong {
+    type Result = u64;
+    fn handle(&mut self, msg: Ping, _: &mut Self::Context) -> u64 {
+        msg.0 + 1
+    }
+}
+
+async fn run() {
+    // `cargo bench --bench checks -- memory` measures only the memory per actor.
+    let memory_only = std::env::args().any(|arg| arg == "memory");
+    // `-- memory-baseline`: the same count of do-nothing actix actors, for comparison (separate run:
+    // freed memory would be reused and hide the second measurement).
+    if std::env::args().any(|arg| arg == "memory-baseline") {
+        bare_actor_memory().await;
+        System::current().stop();
+        return;
+    }
+    let app = start_app(|_| {}).await;
+    insert_keys(&app.db, KEYS, "2099-01-01T00:00:00Z").await;
+    if !memory_only {
+        round_trips(&app).await;
+    }
+    memory_per_actor(&app).await;
+    System::current().stop();
+}
+
+async fn round_trips(app: &support::BenchApp) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let _echo = in_thread(echo_server(app.amqp_url.clone(), ready_tx));
+    tokio::task::spawn_blocking(move || ready_rx.recv().expect("echo server ready"))
+        .await
+        .expect("join");
+
+    let url = app.amqp_url.clone();
+    let loads = in_thread(async move {
+        // Warm up both (and make every key resident).
+        rpc_load(&url, 5_000, 64, check_target).await;
+        rpc_load(&url, 5_000, 64, echo_target).await;
+        let mut rows = Vec::new();
+        for (in_flight, total) in [(1usize, 3_000usize), (64, 40_000)] {
+            for round in 0..2 {
+                let echo = rpc_load(&url, total, in_flight, echo_target).await;
+                let service = rpc_load(&url, total, in_flight, check_target).await;
+                rows.push((in_flight, round, echo, service));
+            }
+        }
+        rows
+    });
+    // Joined off the actix thread, which keeps serving the consumer meanwhile.
+    let rows = tokio::task::spawn_blocking(move || loads.join().expect("load thread"))
+        .await
+        .expect("join");
+
+    println!(
+        "## Check round trip over RabbitMQ (direct reply-to), {KEYS} keys, same broker, same run\n"
+    );
+    println!("| in flight | round | echo p50 µs | quota p50 µs | p50 ratio | echo p99 µs | quota p99 µs | echo req/s | quota req/s | throughput ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for (in_flight, round, echo, service) in &rows {
+        print_row(*in_flight, *round, echo, service);
+    }
+
+    // In-process: the check's actor round trip against a bare actix ping across threads.
+    let pong = Pong::start_in_arbiter(&Arbiter::new().handle(), |_| Pong);
+    for i in 0..10_000 {
+        pong.send(Ping(i)).await.expect("pong");
+    }
+    let started = Instant::now();
+    for i in 0..IN_PROCESS_CALLS as u64 {
+        pong.send(Ping(i)).await.expect("pong");
+    }
+    let ping_ns = started.elapsed().as_nanos() as f64 / IN_PROCESS_CALLS as f64;
+    let started = Instant::now();
+    for i in 0..IN_PROCESS_CALLS as i64 {
+        app.registry
+            .check(i % KEYS + 1, Some(10))
+            .await
+            .expect("check");
+    }
+    let check_ns = started.elapsed().as_nanos() as f64 / IN_PROCESS_CALLS as f64;
+    println!("\n## In-process check (registry lookup + actor message round trip)\n");
+    println!("| bare actix ping ns | quota check ns | ratio |\n|---|---|---|");
+    println!(
+        "| {ping_ns:.0} | {check_ns:.0} | {:.2}x |",
+        check_ns / ping_ns
+    );
+}
+
+/// A million do-nothing actix actors spread over two arbiters, their addresses kept in a map.
+async fn bare_actor_memory() {
+    let arbiters = [Arbiter::new().handle(), Arbiter::new().handle()];
+    let before = resident_bytes();
+    let mut addrs = std::collections::HashMap::new();
+    for i in 0..MEMORY_KEYS {
+        addrs.insert(
+            i,
+            Pong::start_in_arbiter(&arbiters[(i % 2) as usize], |_| Pong),
+        );
+    }
+    for i in (MEMORY_KEYS - 1_000)..MEMORY_KEYS {
+        addrs[&i].send(Ping(1)).await.expect("pong");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = resident_bytes();
+    println!("\n## Memory per bare actix actor (baseline)\n");
+    println!("| actors | bytes per actor |\n|---|---|");
+    println!(
+        "| {} | {:.0} |",
+        addrs.len(),
+        (after - before) as f64 / addrs.len() as f64
+    );
+}
+
+/// A million resident key actors: RSS growth per actor.
+async fn memory_per_actor(app: &support::BenchApp) {
+    let before_count = app.registry.resident_count();
+    let before = resident_bytes();
+    let now = chrono::Utc::now();
+    let reset_at = quota_keeper::domain::window::next_window_start(now);
+    app.registry
+        .start_resident((0..MEMORY_KEYS).map(|i| entity::api_keys::Model {
+            id: 10_000_000 + i,
+            username: "bench".into(),
+            description: String::new(),
+            created_at: now,
+            token_quota_monthly: Some(1_000_000),
+            tokens_used_this_month: 0,
+            quota_reset_at: reset_at,
+        }));
+    // Actors start on their arbiters asynchronously: wait until the last ones answer.
+    for i in (MEMORY_KEYS - 1_000)..MEMORY_KEYS {
+        app.registry
+            .check(10_000_000 + i, None)
+            .await
+            .expect("resident");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = resident_bytes();
+    let added = app.registry.resident_count() - before_count;
+    println!("\n## Memory per resident key actor\n");
+    println!(
+        "| actors added | RSS before MiB | RSS after MiB | bytes per actor |\n|---|---|---|---|"
+    );
+    println!(
+        "| {added} | {:.1} | {:.1} | {:.0} |",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        (after - before) as f64 / added as f64
+    );
+    app.registry.evict_all();
+}
+
+fn print_row(in_flight: usize, round: usize, echo: &RpcStats, service: &RpcStats) {
+    println!(
+        "| {in_flight} | {round} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+        echo.p50_us,
+        service.p50_us,
+        service.p50_us / echo.p50_us,
+        echo.p99_us,
+        service.p99_us,
+        echo.per_second,
+        service.per_second,
+        service.per_second / echo.per_second
+    );
+}

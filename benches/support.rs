@@ -1,0 +1,181 @@
+//! Shared bench tools: RPC load generator, latency statistics, resident memory, the app under test.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use quota_keeper::clock::SystemClock;
+use quota_keeper::settings::Settings;
+use quota_keeper::startup::Application;
+
+use crate::common::{Backend, TestDatabase, TestVhost};
+
+/// Latency and throughput of one load run.
+#[derive(Clone, Debug)]
+pub struct RpcStats {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    pub per_second: f64,
+}
+
+impl RpcStats {
+    pub fn from_samples(mut samples: Vec<Duration>, elapsed: Duration) -> RpcStats {
+        samples.sort();
+        let at = |q: f64| {
+            samples[((samples.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e6
+        };
+        RpcStats {
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            max_us: at(1.0),
+            per_second: samples.len() as f64 / elapsed.as_secs_f64(),
+        }
+    }
+}
+
+/// Sends `total` requests over direct reply-to with `in_flight` outstanding; `target(i)` gives (exchange, routing key, body).
+pub async fn rpc_load(
+    amqp_url: &str,
+    total: usize,
+    in_flight: usize,
+    target: impl Fn(usize) -> (String, String, Vec<u8>),
+) -> RpcStats {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .expect("broker up");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("direct reply-to");
+    let mut started: HashMap<String, Instant> = HashMap::with_capacity(in_flight * 2);
+    let mut samples = Vec::with_capacity(total);
+    let mut sent = 0;
+    let run_started = Instant::now();
+    let send = |i: usize| {
+        let (exchange, routing_key, body) = target(i);
+        let channel = channel.clone();
+        async move {
+            channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default()
+                        .with_reply_to("amq.rabbitmq.reply-to".into())
+                        .with_correlation_id(i.to_string().as_str().into())
+                        .with_priority(1),
+                )
+                .await
+                .expect("publish");
+        }
+    };
+    while sent < in_flight.min(total) {
+        started.insert(sent.to_string(), Instant::now());
+        send(sent).await;
+        sent += 1;
+    }
+    while samples.len() < total {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await
+            .expect("a reply within 30 s")
+            .expect("reply stream open")
+            .expect("reply");
+        let id = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .expect("correlation id echoed")
+            .to_string();
+        if let Some(at) = started.remove(&id) {
+            samples.push(at.elapsed());
+        }
+        if sent < total {
+            started.insert(sent.to_string(), Instant::now());
+            send(sent).await;
+            sent += 1;
+        }
+    }
+    let elapsed = run_started.elapsed();
+    let _ = connection.close(200, "done".into()).await;
+    RpcStats::from_samples(samples, elapsed)
+}
+
+/// Resident set size of this process in bytes.
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("statm has a resident field");
+    pages * 4096
+}
+
+/// The service in this process with its own database and vhost.
+pub struct BenchApp {
+    pub app_port: u16,
+    pub amqp_url: String,
+    pub database: TestDatabase,
+    pub vhost: TestVhost,
+    pub registry: quota_keeper::actors::registry::KeyRegistry,
+    pub db: sea_orm::DatabaseConnection,
+    pub scheduler: actix::Addr<quota_keeper::actors::scheduler::Scheduler>,
+}
+
+pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> BenchApp {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let vhost = TestVhost::create();
+    let mut settings = Settings::default();
+    settings.database.url = database.url.clone();
+    settings.amqp.url = vhost.url();
+    settings.http.bind = "127.0.0.1:0".into();
+    settings.admin.password = Some("bench".into());
+    settings.log.level = "warn".into();
+    customize(&mut settings);
+    let app = Application::build(settings, Arc::new(SystemClock))
+        .await
+        .expect("the app builds");
+    let readiness = app.readiness();
+    let bench = BenchApp {
+        app_port: app.port(),
+        amqp_url: vhost.url(),
+        registry: app.registry().clone(),
+        db: app.db().clone(),
+        scheduler: app.scheduler(),
+        database,
+        vhost,
+    };
+    actix_web::rt::spawn(app.run_until(std::future::pending()));
+    crate::common::eventually(Duration::from_secs(30), "consuming", || {
+        let state = readiness.broker();
+        async move { (state == quota_keeper::readiness::BrokerState::Consuming).then_some(()) }
+    })
+    .await;
+    bench
+}
+
+/// Inserts keys `1..=count` (unlimited, nothing used, current window) in one statement.
+pub async fn insert_keys(db: &sea_orm::DatabaseConnection, count: i64, reset_at: &str) {
+    use sea_orm::ConnectionTrait;
+    db.execute_unprepared(&format!(
+        "INSERT INTO api_keys (id, username, description, created_at, token_quota_monthly, tokens_used_this_month, quota_reset_at) \
+         SELECT g, 'bench', '', now(), NULL, 0, '{reset_at}'::timestamptz FROM generate_series(1, {count}) AS g"
+    ))
+    .await
+    .expect("bulk insert");
+}

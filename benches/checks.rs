@@ -24,6 +24,13 @@ use support::{insert_keys, resident_bytes, rpc_load, start_app, RpcStats};
 
 const KEYS: i64 = 1_000;
 const ECHO_QUEUE: &str = "bench.echo";
+/// The echo server's second queue, behind the service's kind of routing: fanout exchange bound
+/// to an internal consistent-hash exchange, a priority queue with single active consumer.
+const ROUTED_ECHO_EXCHANGE: &str = "bench.routed";
+const ROUTED_ECHO_HASH: &str = "bench.routed.hash";
+const ROUTED_ECHO_QUEUE: &str = "bench.routed.000";
+/// In-process calls kept in flight at once.
+const IN_PROCESS_CONCURRENCY: usize = 256;
 const MEMORY_KEYS: i64 = 1_000_000;
 const IN_PROCESS_CALLS: usize = 200_000;
 
@@ -53,7 +60,8 @@ async fn echo_server(url: String, ready: std::sync::mpsc::Sender<()>) {
         .await
         .expect("qos");
     let replies = connection.create_channel().await.expect("channel");
-    let mut consumer = channel
+    declare_routed_echo(&channel).await;
+    let plain = channel
         .basic_consume(
             ECHO_QUEUE.into(),
             "echo".into(),
@@ -62,6 +70,16 @@ async fn echo_server(url: String, ready: std::sync::mpsc::Sender<()>) {
         )
         .await
         .expect("consume");
+    let routed = channel
+        .basic_consume(
+            ROUTED_ECHO_QUEUE.into(),
+            "routed-echo".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut consumer = futures::stream::select(plain, routed);
     let _ = ready.send(());
     while let Some(Ok(delivery)) = consumer.next().await {
         let Some(reply_to) = delivery.properties.reply_to().clone() else {
@@ -82,6 +100,76 @@ async fn echo_server(url: String, ready: std::sync::mpsc::Sender<()>) {
             .await;
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
     }
+}
+
+async fn declare_routed_echo(channel: &lapin::Channel) {
+    use lapin::options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions};
+    use lapin::types::AMQPValue;
+    use lapin::ExchangeKind;
+    channel
+        .exchange_declare(
+            ROUTED_ECHO_EXCHANGE.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("fanout");
+    channel
+        .exchange_declare(
+            ROUTED_ECHO_HASH.into(),
+            ExchangeKind::Custom("x-consistent-hash".into()),
+            ExchangeDeclareOptions {
+                internal: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("hash exchange");
+    channel
+        .exchange_bind(
+            ROUTED_ECHO_HASH.into(),
+            ROUTED_ECHO_EXCHANGE.into(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    arguments.insert("x-max-priority".into(), AMQPValue::LongInt(1));
+    channel
+        .queue_declare(
+            ROUTED_ECHO_QUEUE.into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("routed queue");
+    channel
+        .queue_bind(
+            ROUTED_ECHO_QUEUE.into(),
+            ROUTED_ECHO_HASH.into(),
+            "1".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind queue");
+}
+
+fn routed_echo_target(i: usize) -> (String, String, Vec<u8>) {
+    let key = (i as i64 % KEYS) + 1;
+    (
+        ROUTED_ECHO_EXCHANGE.into(),
+        key.to_string(),
+        format!(r#"{{"api_key_id": {key}, "tokens": 10}}"#).into_bytes(),
+    )
 }
 
 fn in_thread<T: Send + 'static>(
@@ -164,8 +252,9 @@ async fn round_trips(app: &support::BenchApp) {
         for (in_flight, total) in [(1usize, 3_000usize), (64, 40_000)] {
             for round in 0..2 {
                 let echo = rpc_load(&url, total, in_flight, echo_target).await;
+                let routed = rpc_load(&url, total, in_flight, routed_echo_target).await;
                 let service = rpc_load(&url, total, in_flight, check_target).await;
-                rows.push((in_flight, round, echo, service));
+                rows.push((in_flight, round, echo, routed, service));
             }
         }
         rows
@@ -178,10 +267,12 @@ async fn round_trips(app: &support::BenchApp) {
     println!(
         "## Check round trip over RabbitMQ (direct reply-to), {KEYS} keys, same broker, same run\n"
     );
-    println!("| in flight | round | echo p50 µs | quota p50 µs | p50 ratio | echo p99 µs | quota p99 µs | echo req/s | quota req/s | throughput ratio |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for (in_flight, round, echo, service) in &rows {
-        print_row(*in_flight, *round, echo, service);
+    println!("Baselines: *echo* is a bare lapin echo RPC server on a plain queue; *routed echo* is the same");
+    println!("server behind the service's kind of routing (fanout → consistent-hash → priority queue).\n");
+    println!("| in flight | round | echo p50 µs | routed echo p50 µs | quota p50 µs | p50 vs echo | p50 vs routed | echo p99 µs | quota p99 µs | echo req/s | routed req/s | quota req/s | req/s vs echo | req/s vs routed |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (in_flight, round, echo, routed, service) in &rows {
+        print_row(*in_flight, *round, echo, routed, service);
     }
 
     // In-process: the check's actor round trip against a bare actix ping across threads.
@@ -202,11 +293,34 @@ async fn round_trips(app: &support::BenchApp) {
             .expect("check");
     }
     let check_ns = started.elapsed().as_nanos() as f64 / IN_PROCESS_CALLS as f64;
-    println!("\n## In-process check (registry lookup + actor message round trip)\n");
-    println!("| bare actix ping ns | quota check ns | ratio |\n|---|---|---|");
+    // Pipelined: many calls in flight, so thread wake-ups are shared and the cost per call shows.
+    let started = Instant::now();
+    futures::stream::iter(0..IN_PROCESS_CALLS as u64)
+        .map(|i| pong.send(Ping(i)))
+        .buffer_unordered(IN_PROCESS_CONCURRENCY)
+        .for_each(|reply| async move {
+            reply.expect("pong");
+        })
+        .await;
+    let ping_pipelined_ns = started.elapsed().as_nanos() as f64 / IN_PROCESS_CALLS as f64;
+    let started = Instant::now();
+    futures::stream::iter(0..IN_PROCESS_CALLS as i64)
+        .map(|i| app.registry.check(i % KEYS + 1, Some(10)))
+        .buffer_unordered(IN_PROCESS_CONCURRENCY)
+        .for_each(|reply| async move {
+            reply.expect("check");
+        })
+        .await;
+    let check_pipelined_ns = started.elapsed().as_nanos() as f64 / IN_PROCESS_CALLS as f64;
+    println!("\n## In-process check (registry lookup + actor message round trip), {IN_PROCESS_CALLS} calls\n");
+    println!("| mode | bare actix ping ns/call | quota check ns/call | ratio |\n|---|---|---|---|");
     println!(
-        "| {ping_ns:.0} | {check_ns:.0} | {:.2}x |",
+        "| one at a time (latency, thread wake-ups included) | {ping_ns:.0} | {check_ns:.0} | {:.2}x |",
         check_ns / ping_ns
+    );
+    println!(
+        "| {IN_PROCESS_CONCURRENCY} in flight (cost per call) | {ping_pipelined_ns:.0} | {check_pipelined_ns:.0} | {:.2}x |",
+        check_pipelined_ns / ping_pipelined_ns
     );
 }
 
@@ -274,16 +388,26 @@ async fn memory_per_actor(app: &support::BenchApp) {
     app.registry.evict_all();
 }
 
-fn print_row(in_flight: usize, round: usize, echo: &RpcStats, service: &RpcStats) {
+fn print_row(
+    in_flight: usize,
+    round: usize,
+    echo: &RpcStats,
+    routed: &RpcStats,
+    service: &RpcStats,
+) {
     println!(
-        "| {in_flight} | {round} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x |",
+        "| {in_flight} | {round} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x |",
         echo.p50_us,
+        routed.p50_us,
         service.p50_us,
         service.p50_us / echo.p50_us,
+        service.p50_us / routed.p50_us,
         echo.p99_us,
         service.p99_us,
         echo.per_second,
+        routed.per_second,
         service.per_second,
-        service.per_second / echo.per_second
+        service.per_second / echo.per_second,
+        service.per_second / routed.per_second
     );
 }

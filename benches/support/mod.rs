@@ -1,4 +1,6 @@
 //! Shared bench tools: RPC load generator, latency statistics, resident memory, the app under test.
+// Each bench binary uses a different part of this module.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::Arc;

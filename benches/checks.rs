@@ -228,7 +228,7 @@ async fn run() {
         return;
     }
     let app = start_app(|_| {}).await;
-    insert_keys(&app.db, KEYS, "2099-01-01T00:00:00Z").await;
+    insert_keys(&app.db, KEYS).await;
     if !memory_only {
         round_trips(&app).await;
     }

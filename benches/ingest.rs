@@ -252,7 +252,7 @@ async fn service_run(keys: usize) -> (f64, f64, f64) {
     let db = quota_keeper::db::connect_and_migrate(&settings.database)
         .await
         .expect("migrate");
-    insert_keys(&db, keys as i64, "2099-01-01T00:00:00Z").await;
+    insert_keys(&db, keys as i64).await;
 
     let connection = Connection::connect(&vhost.url(), ConnectionProperties::default())
         .await

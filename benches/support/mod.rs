@@ -171,9 +171,12 @@ pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> BenchApp {
     bench
 }
 
-/// Inserts keys `1..=count` (unlimited, nothing used, current window) in one statement.
-pub async fn insert_keys(db: &sea_orm::DatabaseConnection, count: i64, reset_at: &str) {
+/// Inserts keys `1..=count` (unlimited, nothing used, in the current window) in one statement.
+pub async fn insert_keys(db: &sea_orm::DatabaseConnection, count: i64) {
     use sea_orm::ConnectionTrait;
+    let reset_at = quota_keeper::domain::quota::format_instant(
+        quota_keeper::domain::window::next_window_start(chrono::Utc::now()),
+    );
     db.execute_unprepared(&format!(
         "INSERT INTO api_keys (id, username, description, created_at, token_quota_monthly, tokens_used_this_month, quota_reset_at) \
          SELECT g, 'bench', '', now(), NULL, 0, '{reset_at}'::timestamptz FROM generate_series(1, {count}) AS g"

@@ -33,13 +33,14 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        // The scheduler looks for lapsed windows with `quota_reset_at <= now`.
+        // The scheduler takes lapsed keys in (quota_reset_at, id) order, a chunk at a time.
         manager
             .create_index(
                 Index::create()
-                    .name("idx_api_keys_quota_reset_at")
+                    .name("idx_api_keys_quota_reset_at_id")
                     .table(ApiKeys::Table)
                     .col(ApiKeys::QuotaResetAt)
+                    .col(ApiKeys::Id)
                     .to_owned(),
             )
             .await

@@ -13,8 +13,10 @@ use sea_orm::{
 use super::usage::add_to_history;
 use crate::domain::window::{next_window_start, window_ending_at};
 
-/// Keys rolled over per transaction: short transactions, and within SQLite's bound-parameter limit.
-const ROLLOVER_CHUNK_KEYS: u64 = 5_000;
+/// Keys rolled over per transaction: short transactions, and within the bound-parameter limits
+/// (four per key in the history insert: PostgreSQL allows 65,535, SQLite 32,766).
+const POSTGRES_CHUNK_KEYS: u64 = 10_000;
+const SQLITE_CHUNK_KEYS: u64 = 5_000;
 
 /// One chunk of keys that moved from the window ending at `closed_reset_at` to the one ending at `new_reset_at`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +38,10 @@ where
     F: FnMut(RolledChunk),
 {
     let new_reset_at = next_window_start(now);
+    let chunk_keys = match db.get_database_backend() {
+        DbBackend::Postgres => POSTGRES_CHUNK_KEYS,
+        _ => SQLITE_CHUNK_KEYS,
+    };
     let mut rolled = 0;
     loop {
         let txn = db.begin().await?;
@@ -50,7 +56,7 @@ where
             .filter(api_keys::Column::QuotaResetAt.lte(now))
             .order_by_asc(api_keys::Column::QuotaResetAt)
             .order_by_asc(api_keys::Column::Id)
-            .limit(ROLLOVER_CHUNK_KEYS);
+            .limit(chunk_keys);
         if txn.get_database_backend() == DbBackend::Postgres {
             lapsed = lapsed.lock_exclusive();
         }

@@ -364,6 +364,7 @@ async fn memory_per_actor(app: &support::BenchApp) {
             token_quota_monthly: Some(1_000_000),
             tokens_used_this_month: 0,
             quota_reset_at: reset_at,
+            counter_version: 0,
         }));
     // Actors start on their arbiters asynchronously: wait until the last ones answer.
     for i in (MEMORY_KEYS - 1_000)..MEMORY_KEYS {

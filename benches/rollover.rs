@@ -35,18 +35,27 @@ fn main() {
 }
 
 fn at(text: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(text).expect("valid instant").with_timezone(&Utc)
+    DateTime::parse_from_rfc3339(text)
+        .expect("valid instant")
+        .with_timezone(&Utc)
 }
 
 fn check_target(i: usize) -> (String, String, Vec<u8>) {
     let key = (i as i64 % CHECKED_KEYS) + 1;
-    ("quota.check".into(), key.to_string(), format!(r#"{{"api_key_id": {key}}}"#).into_bytes())
+    (
+        "quota.check".into(),
+        key.to_string(),
+        format!(r#"{{"api_key_id": {key}}}"#).into_bytes(),
+    )
 }
 
 /// Runs checks in chunks until `stop`; returns every chunk's statistics.
 fn check_load(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<RpcStats>> {
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         runtime.block_on(async move {
             let mut chunks = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -80,7 +89,9 @@ async fn run() {
     settings.http.bind = "127.0.0.1:0".into();
     settings.log.level = "warn".into();
     settings.scheduler.interval_ms = 3_600_000;
-    let db = quota_keeper::db::connect_and_migrate(&settings.database).await.expect("migrate");
+    let db = quota_keeper::db::connect_and_migrate(&settings.database)
+        .await
+        .expect("migrate");
     db.execute_unprepared(&format!(
         "INSERT INTO api_keys (id, username, description, created_at, token_quota_monthly, tokens_used_this_month, quota_reset_at) \
          SELECT g, 'bench', '', '2026-10-01T00:00:00Z', 1000000, g % 1000, '2026-11-01T00:00:00Z'::timestamptz \
@@ -88,11 +99,15 @@ async fn run() {
     ))
     .await
     .expect("bulk insert");
-    db.execute_unprepared("ANALYZE api_keys").await.expect("analyze");
+    db.execute_unprepared("ANALYZE api_keys")
+        .await
+        .expect("analyze");
 
     // The service starts in October: nothing has lapsed yet.
     let clock = ManualClock::new(at("2026-10-20T00:00:00Z"));
-    let app = Application::build(settings, clock.clone()).await.expect("app");
+    let app = Application::build(settings, clock.clone())
+        .await
+        .expect("app");
     let scheduler = app.scheduler();
     let readiness = app.readiness();
     actix_web::rt::spawn(app.run_until(std::future::pending()));
@@ -107,7 +122,9 @@ async fn run() {
     let load = check_load(vhost.url(), stop.clone());
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
-    let baseline = tokio::task::spawn_blocking(move || load.join().expect("load")).await.expect("join");
+    let baseline = tokio::task::spawn_blocking(move || load.join().expect("load"))
+        .await
+        .expect("join");
 
     // November 23rd: every key has lapsed. Roll them over while the checks go on.
     let stop = Arc::new(AtomicBool::new(false));
@@ -115,14 +132,24 @@ async fn run() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     clock.set(at("2026-11-23T12:00:00Z"));
     let started = Instant::now();
-    let rolled = scheduler.send(RollOverLapsedKeys).await.expect("scheduler").expect("rollover");
+    let rolled = scheduler
+        .send(RollOverLapsedKeys)
+        .await
+        .expect("scheduler")
+        .expect("rollover");
     let took = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let during = tokio::task::spawn_blocking(move || load.join().expect("load")).await.expect("join");
+    let during = tokio::task::spawn_blocking(move || load.join().expect("load"))
+        .await
+        .expect("join");
 
     println!("## Rollover of {KEYS} lapsed keys (PostgreSQL), checks answered meanwhile\n");
     println!("| keys rolled over | seconds | keys/s |\n|---|---|---|");
-    println!("| {rolled} | {:.1} | {:.0} |", took.as_secs_f64(), rolled as f64 / took.as_secs_f64());
+    println!(
+        "| {rolled} | {:.1} | {:.0} |",
+        took.as_secs_f64(),
+        rolled as f64 / took.as_secs_f64()
+    );
     println!("\nChecks over RabbitMQ, {CHECKS_IN_FLIGHT} in flight, {CHECKED_KEYS} resident keys, in chunks of {CHECK_CHUNK}:\n");
     println!("| phase | checks | median p50 µs | worst chunk p99 µs | worst ms | checks/s |\n|---|---|---|---|---|---|");
     summarize("no rollover (baseline)", &baseline);

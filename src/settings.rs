@@ -14,6 +14,9 @@ pub enum SettingsError {
     Unreadable(#[from] config::ConfigError),
 }
 
+/// Largest batch whose statements stay within the databases' bound-parameter limits.
+pub const MAX_BATCH_SIZE: usize = 8_000;
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -263,8 +266,12 @@ impl Settings {
         if self.scheduler.interval_ms == 0 {
             return Err(invalid("scheduler.interval_ms", "must be at least 1"));
         }
-        if self.ingest.batch_size == 0 {
-            return Err(invalid("ingest.batch_size", "must be at least 1"));
+        // Three bound parameters per event in one INSERT; SQLite allows 32,766 per statement.
+        if !(1..=MAX_BATCH_SIZE).contains(&self.ingest.batch_size) {
+            return Err(invalid(
+                "ingest.batch_size",
+                format!("must be between 1 and {MAX_BATCH_SIZE}"),
+            ));
         }
         if usize::from(self.amqp.prefetch) <= self.ingest.batch_size {
             return Err(invalid(
@@ -310,8 +317,17 @@ mod tests {
     #[test]
     fn prefetch_must_exceed_batch_size() {
         let mut settings = Settings::default();
-        settings.ingest.batch_size = 20_000;
+        settings.amqp.prefetch = 500;
         let error = settings.validate().unwrap_err().to_string();
         assert!(error.contains("amqp.prefetch"), "{error}");
+    }
+
+    #[test]
+    fn batch_size_stays_within_the_bound_parameter_limits() {
+        let mut settings = Settings::default();
+        settings.ingest.batch_size = MAX_BATCH_SIZE + 1;
+        settings.amqp.prefetch = u16::MAX;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("ingest.batch_size"), "{error}");
     }
 }

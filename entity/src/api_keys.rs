@@ -17,6 +17,8 @@ pub struct Model {
     pub tokens_used_this_month: i64,
     /// End of the current window: 00:00 UTC on the 1st of the next month.
     pub quota_reset_at: DateTimeUtc,
+    /// Bumped by every write of `tokens_used_this_month` or `quota_reset_at`.
+    pub counter_version: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -21,6 +21,8 @@ impl MigrationTrait for Migration {
                     .col(big_integer_null(ApiKeys::TokenQuotaMonthly))
                     .col(big_integer(ApiKeys::TokensUsedThisMonth).default(0))
                     .col(timestamp_with_time_zone(ApiKeys::QuotaResetAt))
+                    // Bumped by every write of the counter, so a stale copy can be told from a newer one.
+                    .col(big_integer(ApiKeys::CounterVersion).default(0))
                     .to_owned(),
             )
             .await?;
@@ -63,4 +65,5 @@ pub enum ApiKeys {
     TokenQuotaMonthly,
     TokensUsedThisMonth,
     QuotaResetAt,
+    CounterVersion,
 }

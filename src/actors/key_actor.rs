@@ -120,6 +120,8 @@ struct Resident {
     committed: i64,
     pending: i64,
     reset_at: DateTime<Utc>,
+    /// `counter_version` of the stored row this view is based on.
+    version: i64,
 }
 
 impl Resident {
@@ -174,8 +176,15 @@ impl KeyActor {
         actor
     }
 
-    /// Adopts the stored key, keeping tokens still pending in the same window.
+    /// Adopts the stored key, keeping tokens still pending in the same window. A row older than
+    /// what the actor already knows only brings its quota.
     fn become_resident(&mut self, key: Model) {
+        if let KeyState::Resident(resident) = &mut self.state {
+            if key.counter_version < resident.version {
+                resident.quota = key.token_quota_monthly;
+                return;
+            }
+        }
         let pending = match &self.state {
             KeyState::Resident(resident) if resident.reset_at == key.quota_reset_at => {
                 resident.pending
@@ -187,6 +196,7 @@ impl KeyActor {
             committed: key.tokens_used_this_month,
             pending,
             reset_at: key.quota_reset_at,
+            version: key.counter_version,
         });
     }
 
@@ -386,14 +396,18 @@ impl Handler<UsageCommitted> for KeyActor {
                 resident.pending -= ticket.tokens;
             }
         }
+        // Only a newer row counts: a counter queued before an admin reset must not undo it.
         if let Some(counter) = msg.counter {
-            if counter.reset_at == resident.reset_at {
-                resident.committed = counter.used;
-            } else if counter.reset_at > resident.reset_at {
-                // The database is in a newer window than this actor: adopt it.
-                resident.committed = counter.used;
-                resident.pending = 0;
-                resident.reset_at = counter.reset_at;
+            if counter.version > resident.version {
+                resident.version = counter.version;
+                if counter.reset_at == resident.reset_at {
+                    resident.committed = counter.used;
+                } else if counter.reset_at > resident.reset_at {
+                    // The database is in a newer window than this actor: adopt it.
+                    resident.committed = counter.used;
+                    resident.pending = 0;
+                    resident.reset_at = counter.reset_at;
+                }
             }
         }
     }

@@ -114,15 +114,10 @@ async fn take_usage(delivery: Delivery, context: &DeliveryContext) {
         .record_usage(event.api_key_id, event.tokens, event.occurred_at)
         .await
     {
-        Ok(UsageRecorded::UnknownKey) => {
-            metrics::counter!(names::USAGE_UNKNOWN_KEY_TOTAL).increment(1);
-            ack(&delivery).await;
-            return;
-        }
         Ok(UsageRecorded::Pending(ticket)) => Some(ticket),
-        Ok(UsageRecorded::NotPending) => None,
-        // The key could not be loaded: the batch writer finds out whether it exists.
-        Err(_) => None,
+        // The actor's "unknown" may be a few seconds old (a key just created elsewhere), and a key
+        // that could not be loaded may exist: the batch writer decides against the database.
+        Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_) => None,
     };
     context.writer.submit(ConsumedEvent {
         event,
@@ -144,18 +139,31 @@ async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &Deliver
         "x-quota-original-exchange".into(),
         AMQPValue::LongString(delivery.exchange.as_str().into()),
     );
-    let properties = delivery
-        .properties
-        .clone()
+    // A fresh set of properties: the original's `expiration` must not make the dead letter expire.
+    let original = &delivery.properties;
+    let mut properties = BasicProperties::default()
         .with_headers(headers)
         .with_delivery_mode(PERSISTENT);
+    if let Some(content_type) = original.content_type() {
+        properties = properties.with_content_type(content_type.clone());
+    }
+    if let Some(message_id) = original.message_id() {
+        properties = properties.with_message_id(message_id.clone());
+    }
+    if let Some(timestamp) = original.timestamp() {
+        properties = properties.with_timestamp(*timestamp);
+    }
     let stored = async {
         context
             .dead_letters
             .basic_publish(
                 "".into(),
                 DEAD_LETTER_QUEUE.into(),
-                BasicPublishOptions::default(),
+                // Mandatory: if the queue were missing, the broker returns the message instead of dropping it.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 &delivery.data,
                 properties,
             )
@@ -164,7 +172,7 @@ async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &Deliver
     }
     .await;
     match stored {
-        Ok(confirmation) if !confirmation.is_nack() => ack(&delivery).await,
+        Ok(lapin::Confirmation::Ack(None)) => ack(&delivery).await,
         outcome => {
             tracing::warn!(?outcome, "dead letter not stored; handing the message back");
             tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;

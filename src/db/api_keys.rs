@@ -4,9 +4,11 @@ use chrono::{DateTime, Utc};
 use entity::api_keys::{self, ActiveModel, Column, Entity as ApiKeys, Model};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, Set, SqlErr, Statement,
+    QueryOrder, QuerySelect, Set, SqlErr, Statement, TransactionSession, TransactionTrait,
 };
 
+use super::usage::add_to_history;
+use crate::domain::quota::QuotaState;
 use crate::domain::window::next_window_start;
 
 /// What an operator asks for when creating a key.
@@ -103,16 +105,43 @@ pub async fn list_user_keys(
 }
 
 /// Applies `change` to key `id` at `now`; `None` when the key does not exist.
-pub async fn update_key(
-    db: &impl ConnectionTrait,
+///
+/// In one transaction, with the row locked: a lapsed window is first rolled over (archived into
+/// history), so neither the change nor `reset_usage` can lose a closed month's total.
+pub async fn update_key<C>(
+    db: &C,
     id: i64,
     change: KeyChange,
     now: DateTime<Utc>,
-) -> Result<Option<Model>, DbErr> {
-    let Some(current) = find_key(db, id).await? else {
+) -> Result<Option<Model>, DbErr>
+where
+    C: TransactionTrait + ConnectionTrait,
+{
+    let txn = db.begin().await?;
+    let mut select = ApiKeys::find_by_id(id);
+    if txn.get_database_backend() == DbBackend::Postgres {
+        select = select.lock_exclusive();
+    }
+    let Some(current) = select.one(&txn).await? else {
+        txn.commit().await?;
         return Ok(None);
     };
+    let mut state = QuotaState {
+        quota: current.token_quota_monthly,
+        used: current.tokens_used_this_month,
+        reset_at: current.quota_reset_at,
+    };
+    let closed = state.roll_over_if_lapsed(now);
+    let mut version = current.counter_version;
     let mut row: ActiveModel = current.into();
+    if let Some(closed) = closed {
+        let history = std::iter::once(((id, closed.window), closed.tokens)).collect();
+        add_to_history(&txn, &history).await?;
+        version += 1;
+        row.tokens_used_this_month = Set(0);
+        row.quota_reset_at = Set(state.reset_at);
+        row.counter_version = Set(version);
+    }
     if let Some(description) = change.description {
         row.description = Set(description);
     }
@@ -122,8 +151,11 @@ pub async fn update_key(
     if change.reset_usage {
         row.tokens_used_this_month = Set(0);
         row.quota_reset_at = Set(next_window_start(now));
+        row.counter_version = Set(version + 1);
     }
-    Ok(Some(row.update(db).await?))
+    let updated = row.update(&txn).await?;
+    txn.commit().await?;
+    Ok(Some(updated))
 }
 
 /// Deletes key `id` (its history goes with it); `false` when it did not exist.

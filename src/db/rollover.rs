@@ -1,22 +1,19 @@
 //! Set-based monthly rollover of every lapsed key, in chunks, archiving each closed window into history.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
-use entity::{api_keys, processed_events};
-use sea_orm::sea_query::Expr;
+use entity::{api_keys, processed_events, usage_history};
+use sea_orm::sea_query::{Condition, Expr, ExprTrait, LockType, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, TransactionSession, TransactionTrait,
 };
 
-use super::usage::add_to_history;
+use super::usage::add_to_existing_history;
 use crate::domain::window::{next_window_start, window_ending_at};
 
-/// Keys rolled over per transaction: short transactions, and within the bound-parameter limits
-/// (four per key in the history insert: PostgreSQL allows 65,535, SQLite 32,766).
-const POSTGRES_CHUNK_KEYS: u64 = 10_000;
-const SQLITE_CHUNK_KEYS: u64 = 5_000;
+/// Keys rolled over per transaction: short transactions, so checks' key loads and the batch
+/// writer are never held up for long.
+const CHUNK_KEYS: u64 = 20_000;
 
 /// One chunk of keys that moved from the window ending at `closed_reset_at` to the one ending at `new_reset_at`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +25,10 @@ pub struct RolledChunk {
 
 /// Rolls every key whose window ended at or before `now`; calls `on_chunk` after each committed chunk.
 /// Months without traffic are skipped: every key lands in the window containing `now`.
+///
+/// Each chunk is two set-based statements in one transaction, the oldest lapsed window first and
+/// keys in id order: archive `tokens_used_this_month` into `usage_history` (rows locked as they are
+/// read on PostgreSQL, so a concurrent batch commit cannot slip in between), then reset the counters.
 pub async fn roll_over_lapsed_keys<C, F>(
     db: &C,
     now: DateTime<Utc>,
@@ -38,59 +39,101 @@ where
     F: FnMut(RolledChunk),
 {
     let new_reset_at = next_window_start(now);
-    let chunk_keys = match db.get_database_backend() {
-        DbBackend::Postgres => POSTGRES_CHUNK_KEYS,
-        _ => SQLITE_CHUNK_KEYS,
-    };
     let mut rolled = 0;
-    loop {
-        let txn = db.begin().await?;
-        // The oldest lapsed window first; keys in id order so writers lock alike.
-        let mut lapsed = api_keys::Entity::find()
-            .select_only()
-            .columns([
-                api_keys::Column::Id,
-                api_keys::Column::TokensUsedThisMonth,
-                api_keys::Column::QuotaResetAt,
-            ])
-            .filter(api_keys::Column::QuotaResetAt.lte(now))
-            .order_by_asc(api_keys::Column::QuotaResetAt)
-            .order_by_asc(api_keys::Column::Id)
-            .limit(chunk_keys);
-        if txn.get_database_backend() == DbBackend::Postgres {
-            lapsed = lapsed.lock_exclusive();
-        }
-        let rows: Vec<(i64, i64, DateTime<Utc>)> = lapsed.into_tuple().all(&txn).await?;
-        let Some(&(_, _, closed_reset_at)) = rows.first() else {
-            txn.commit().await?;
-            return Ok(rolled);
-        };
-        let chunk: Vec<(i64, i64)> = rows
-            .iter()
-            .filter(|(_, _, reset_at)| *reset_at == closed_reset_at)
-            .map(|(id, used, _)| (*id, *used))
-            .collect();
+    // Each lapsed window once, oldest first; within it, keyset pages by id, so no query has to
+    // step over the index entries that earlier chunks left behind.
+    let lapsed_windows: Vec<DateTime<Utc>> = api_keys::Entity::find()
+        .select_only()
+        .column(api_keys::Column::QuotaResetAt)
+        .distinct()
+        .filter(api_keys::Column::QuotaResetAt.lte(now))
+        .order_by_asc(api_keys::Column::QuotaResetAt)
+        .into_tuple()
+        .all(db)
+        .await?;
+    for closed_reset_at in lapsed_windows {
         let window = window_ending_at(closed_reset_at);
-        let history: BTreeMap<_, _> = chunk
-            .iter()
-            .map(|&(id, used)| ((id, window), used))
-            .collect();
-        add_to_history(&txn, &history).await?;
-        let key_ids: Vec<i64> = chunk.iter().map(|(id, _)| *id).collect();
-        api_keys::Entity::update_many()
-            .col_expr(api_keys::Column::TokensUsedThisMonth, Expr::value(0i64))
-            .col_expr(api_keys::Column::QuotaResetAt, Expr::value(new_reset_at))
-            .filter(api_keys::Column::Id.is_in(key_ids.iter().copied()))
-            .exec(&txn)
-            .await?;
-        txn.commit().await?;
-        rolled += key_ids.len();
-        on_chunk(RolledChunk {
-            key_ids,
-            closed_reset_at,
-            new_reset_at,
-        });
+        let mut after_id: Option<i64> = None;
+        loop {
+            let txn = db.begin().await?;
+            let in_window = || {
+                let mut condition =
+                    Condition::all().add(api_keys::Column::QuotaResetAt.eq(closed_reset_at));
+                if let Some(after_id) = after_id {
+                    condition = condition.add(api_keys::Column::Id.gt(after_id));
+                }
+                condition
+            };
+            // The last id of this chunk; none when fewer than a chunk are left in the window.
+            let last_id: Option<i64> = api_keys::Entity::find()
+                .select_only()
+                .column(api_keys::Column::Id)
+                .filter(in_window())
+                .order_by_asc(api_keys::Column::Id)
+                .offset(CHUNK_KEYS - 1)
+                .limit(1)
+                .into_tuple()
+                .one(&txn)
+                .await?;
+            let in_chunk = || match last_id {
+                Some(last_id) => in_window().add(api_keys::Column::Id.lte(last_id)),
+                None => in_window(),
+            };
+            let mut closing = Query::select();
+            closing
+                .column(api_keys::Column::Id)
+                .expr(Expr::value(window.start))
+                .expr(Expr::value(window.end))
+                .column(api_keys::Column::TokensUsedThisMonth)
+                .from(api_keys::Entity)
+                .cond_where(in_chunk());
+            if txn.get_database_backend() == DbBackend::Postgres {
+                closing.lock(LockType::Update);
+            }
+            let mut archive = Query::insert();
+            archive
+                .into_table(usage_history::Entity)
+                .columns([
+                    usage_history::Column::ApiKeyId,
+                    usage_history::Column::PeriodStart,
+                    usage_history::Column::PeriodEnd,
+                    usage_history::Column::Tokens,
+                ])
+                .select_from(closing)
+                .map_err(|error| DbErr::Custom(error.to_string()))?
+                .on_conflict(add_to_existing_history());
+            txn.execute(&archive).await?;
+            let mut reset = Query::update();
+            reset
+                .table(api_keys::Entity)
+                .value(api_keys::Column::TokensUsedThisMonth, 0i64)
+                .value(api_keys::Column::QuotaResetAt, new_reset_at)
+                .value(
+                    api_keys::Column::CounterVersion,
+                    Expr::col(api_keys::Column::CounterVersion).add(1i64),
+                )
+                .cond_where(in_chunk())
+                .returning_col(api_keys::Column::Id);
+            let key_ids = txn
+                .query_all(&reset)
+                .await?
+                .iter()
+                .map(|row| row.try_get_by_index::<i64>(0))
+                .collect::<Result<Vec<_>, DbErr>>()?;
+            txn.commit().await?;
+            rolled += key_ids.len();
+            on_chunk(RolledChunk {
+                key_ids,
+                closed_reset_at,
+                new_reset_at,
+            });
+            match last_id {
+                Some(last_id) => after_id = Some(last_id),
+                None => break,
+            }
+        }
     }
+    Ok(rolled)
 }
 
 /// Forgets processed event ids recorded before `older_than`; returns how many.

@@ -1,6 +1,6 @@
 //! One batch of usage events in one transaction: dedupe event ids, roll lapsed keys, add per-key sums.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use entity::{api_keys, processed_events, usage_history};
@@ -20,6 +20,8 @@ pub struct CommittedCounter {
     pub api_key_id: i64,
     pub used: i64,
     pub reset_at: DateTime<Utc>,
+    /// `counter_version` of the row: an actor ignores counters older than what it has.
+    pub version: i64,
 }
 
 /// What a committed batch did.
@@ -66,15 +68,15 @@ async fn apply_batch(
         .filter(|event| seen.insert(event.event_id.as_str()))
         .collect();
     outcome.duplicates = events.len() - unique.len();
+    // Every key of the batch, duplicates included: their actors get the committed counter too
+    // (after an ambiguous commit, the retry sees only duplicates yet must still inform them).
+    let batch_keys: BTreeSet<i64> = unique.iter().map(|event| event.api_key_id).collect();
     let new_ids = insert_new_event_ids(txn, &unique, now).await?;
     let fresh: Vec<&UsageEvent> = unique
         .into_iter()
         .filter(|event| new_ids.contains(event.event_id.as_str()))
         .collect();
     outcome.duplicates += seen.len() - fresh.len();
-    if fresh.is_empty() {
-        return Ok(outcome);
-    }
 
     // 2. Tokens per key and window; keys in ascending order so concurrent writers lock alike.
     let mut per_key: BTreeMap<i64, BTreeMap<Window, (i64, usize)>> = BTreeMap::new();
@@ -92,7 +94,7 @@ async fn apply_batch(
         entry.1 += 1;
     }
     let mut rows = api_keys::Entity::find()
-        .filter(api_keys::Column::Id.is_in(per_key.keys().copied()))
+        .filter(api_keys::Column::Id.is_in(batch_keys.iter().copied()))
         .order_by_asc(api_keys::Column::Id);
     if txn.get_database_backend() == DbBackend::Postgres {
         rows = rows.lock_exclusive();
@@ -138,15 +140,18 @@ async fn apply_batch(
                 api_key_id: key_id,
                 used: current_delta,
                 reset_at: state.reset_at,
+                version: row.counter_version + 1,
             });
         } else if current_delta != 0 {
             increments.push((key_id, current_delta));
         } else {
-            outcome.counters.push(CommittedCounter {
-                api_key_id: key_id,
-                used: row.tokens_used_this_month,
-                reset_at: row.quota_reset_at,
-            });
+            outcome.counters.push(counter_of(row));
+        }
+    }
+    // Keys with nothing new in this batch (only duplicates or zero tokens) report as they are.
+    for (key_id, row) in &rows {
+        if !per_key.contains_key(key_id) {
+            outcome.counters.push(counter_of(row));
         }
     }
 
@@ -161,6 +166,10 @@ async fn apply_batch(
                 api_keys::Column::QuotaResetAt,
                 Expr::value(counter.reset_at),
             )
+            .col_expr(
+                api_keys::Column::CounterVersion,
+                Expr::value(counter.version),
+            )
             .filter(api_keys::Column::Id.eq(counter.api_key_id))
             .exec(txn)
             .await?;
@@ -173,6 +182,15 @@ async fn apply_batch(
     }
     add_to_history(txn, &history).await?;
     Ok(outcome)
+}
+
+fn counter_of(row: &api_keys::Model) -> CommittedCounter {
+    CommittedCounter {
+        api_key_id: row.id,
+        used: row.tokens_used_this_month,
+        reset_at: row.quota_reset_at,
+        version: row.counter_version,
+    }
 }
 
 /// Inserts the ids, skipping those already present; returns the ids actually inserted.
@@ -228,11 +246,16 @@ async fn add_to_counters(
             api_keys::Column::TokensUsedThisMonth,
             Expr::col(api_keys::Column::TokensUsedThisMonth).add(delta),
         )
+        .value(
+            api_keys::Column::CounterVersion,
+            Expr::col(api_keys::Column::CounterVersion).add(1i64),
+        )
         .and_where(api_keys::Column::Id.is_in(increments.iter().map(|(key_id, _)| *key_id)))
         .returning(Query::returning().columns([
             api_keys::Column::Id,
             api_keys::Column::TokensUsedThisMonth,
             api_keys::Column::QuotaResetAt,
+            api_keys::Column::CounterVersion,
         ]));
     let rows = txn.query_all(&update).await?;
     rows.iter()
@@ -241,10 +264,27 @@ async fn add_to_counters(
                 api_key_id: row.try_get_by_index(0)?,
                 used: row.try_get_by_index(1)?,
                 reset_at: row.try_get_by_index(2)?,
+                version: row.try_get_by_index(3)?,
             })
         })
         .collect::<Result<Vec<_>, sea_orm::TryGetError>>()
         .map_err(DbErr::from)
+}
+
+/// On a second row for the same key and window, add the tokens to the first.
+pub(crate) fn add_to_existing_history() -> OnConflict {
+    OnConflict::columns([
+        usage_history::Column::ApiKeyId,
+        usage_history::Column::PeriodStart,
+    ])
+    .value(
+        usage_history::Column::Tokens,
+        Expr::col((usage_history::Entity, usage_history::Column::Tokens)).add(Expr::col((
+            Alias::new("excluded"),
+            usage_history::Column::Tokens,
+        ))),
+    )
+    .to_owned()
 }
 
 /// Adds tokens to closed windows' history rows, creating them if missing.
@@ -264,20 +304,7 @@ pub(crate) async fn add_to_history(
             usage_history::Column::PeriodEnd,
             usage_history::Column::Tokens,
         ])
-        .on_conflict(
-            OnConflict::columns([
-                usage_history::Column::ApiKeyId,
-                usage_history::Column::PeriodStart,
-            ])
-            .value(
-                usage_history::Column::Tokens,
-                Expr::col((usage_history::Entity, usage_history::Column::Tokens)).add(Expr::col((
-                    Alias::new("excluded"),
-                    usage_history::Column::Tokens,
-                ))),
-            )
-            .to_owned(),
-        );
+        .on_conflict(add_to_existing_history());
     for ((key_id, window), tokens) in history {
         insert.values_panic([
             (*key_id).into(),

@@ -50,6 +50,11 @@ pub fn decode_usage_event(
             "event_id must be 1-{MAX_EVENT_ID_CHARS} characters, got {id_chars}"
         )));
     }
+    if event_id.chars().any(char::is_control) {
+        return Err(Rejection::new(
+            "event_id must not contain control characters",
+        ));
+    }
     let api_key_id = required_key_id(&object)?;
     let total = optional_count(&object, "tokens")?;
     let input = optional_count(&object, "input_tokens")?;
@@ -189,6 +194,7 @@ mod tests {
             (br#"{"event_id": 7, "api_key_id": 1, "tokens": 1}"#, "event_id must be a string"),
             (br#"{"event_id": "", "api_key_id": 1, "tokens": 1}"#, "event_id must be 1-128"),
             (long_body.as_bytes(), "event_id must be 1-128"),
+            (br#"{"event_id": "a\u0000b", "api_key_id": 1, "tokens": 1}"#, "control characters"),
             (br#"{"event_id": "a", "tokens": 1}"#, "api_key_id is required"),
             (br#"{"event_id": "a", "api_key_id": "1", "tokens": 1}"#, "api_key_id must be"),
             (br#"{"event_id": "a", "api_key_id": -3, "tokens": 1}"#, "api_key_id must be"),

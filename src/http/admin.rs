@@ -69,6 +69,22 @@ fn quota_from_input(quota: Option<i64>) -> Result<Option<i64>, ApiError> {
     }
 }
 
+/// Descriptions are free text, but without control characters (PostgreSQL refuses NUL).
+fn checked_description(description: Option<String>) -> Result<Option<String>, ApiError> {
+    match description {
+        Some(text)
+            if text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t') =>
+        {
+            Err(ApiError::Unprocessable(
+                "description must not contain control characters".into(),
+            ))
+        }
+        other => Ok(other),
+    }
+}
+
 fn checked_username(username: &str) -> Result<(), ApiError> {
     let chars = username.chars().count();
     if chars == 0 || chars > MAX_USERNAME_CHARS || username.chars().any(char::is_control) {
@@ -112,7 +128,7 @@ pub async fn create_key(
     let new_key = NewKey {
         id: body.id,
         username,
-        description: body.description.unwrap_or_default(),
+        description: checked_description(body.description)?.unwrap_or_default(),
         token_quota_monthly: quota_from_input(body.token_quota_monthly)?,
     };
     match api_keys::create_key(&state.db, new_key, state.clock.now()).await {
@@ -161,7 +177,7 @@ pub async fn patch_key(
     let id = parse_key_id(&raw_id)?;
     let body: PatchKeyBody = parse_json(&read_body(payload, state.max_body_bytes).await?, false)?;
     let change = KeyChange {
-        description: body.description,
+        description: checked_description(body.description)?,
         token_quota_monthly: match body.token_quota_monthly {
             None => None,
             Some(quota) => Some(quota_from_input(quota)?),

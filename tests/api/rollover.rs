@@ -287,3 +287,45 @@ async fn processed_event_ids_are_pruned_after_the_retention_period() {
         .collect();
     assert_eq!(left, vec!["recent".to_string()]);
 }
+
+#[actix_web::test]
+async fn a_patch_of_a_lapsed_key_archives_the_closed_month_first() {
+    let app = spawn_app_on(Backend::Postgres, |settings| {
+        settings.scheduler.interval_ms = 3_600_000
+    })
+    .await;
+    app.create_key("alice", json!({"id": 7, "token_quota_monthly": 1000}))
+        .await;
+    set_usage(&app, 7, 900).await;
+    app.clock.set(at("2026-12-01T00:00:10Z"));
+    let key: Value = app
+        .admin(Method::PATCH, "/users/alice/apikeys/7")
+        .json(&json!({"reset_usage": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(key["tokens_used_this_month"], 0);
+    assert_eq!(key["quota_reset_at"], "2027-01-01T00:00:00Z");
+    assert_eq!(
+        history_of(&app, 7).await,
+        vec![(
+            "2026-11-01T00:00:00+00:00".into(),
+            "2026-12-01T00:00:00+00:00".into(),
+            900
+        )],
+        "November is kept, not forgiven"
+    );
+    let check: Value = app
+        .admin(Method::POST, "/keys/7/check")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(check["tokens_used_this_month"], 0);
+    assert_eq!(check["quota_reset_at"], "2027-01-01T00:00:00Z");
+}

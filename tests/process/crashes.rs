@@ -14,7 +14,7 @@ async fn sigterm_commits_and_acknowledges_everything_then_exits_0() {
     // Nothing would commit on its own for a minute: only the shutdown flush can.
     let scenario = Scenario::new(&[
         ("QUOTA__INGEST__FLUSH_INTERVAL_MS", "60000"),
-        ("QUOTA__INGEST__BATCH_SIZE", "10000"),
+        ("QUOTA__INGEST__BATCH_SIZE", "8000"),
         ("QUOTA__AMQP__PREFETCH", "20000"),
     ])
     .await;

@@ -19,8 +19,7 @@ pub enum Relation {
     #[sea_orm(
         belongs_to = "super::api_keys::Entity",
         from = "Column::ApiKeyId",
-        to = "super::api_keys::Column::Id",
-        on_delete = "Cascade"
+        to = "super::api_keys::Column::Id"
     )]
     ApiKeys,
 }

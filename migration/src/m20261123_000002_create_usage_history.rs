@@ -2,8 +2,6 @@
 
 use sea_orm_migration::{prelude::*, schema::*};
 
-use crate::m20261123_000001_create_api_keys::ApiKeys;
-
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
@@ -20,13 +18,8 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(UsageHistory::PeriodStart))
                     .col(timestamp_with_time_zone(UsageHistory::PeriodEnd))
                     .col(big_integer(UsageHistory::Tokens).default(0))
-                    .foreign_key(
-                        ForeignKey::create()
-                            .name("fk_usage_history_api_key")
-                            .from(UsageHistory::Table, UsageHistory::ApiKeyId)
-                            .to(ApiKeys::Table, ApiKeys::Id)
-                            .on_delete(ForeignKeyAction::Cascade),
-                    )
+                    // No foreign key: a row-level check per archived row would double the cost of
+                    // a monthly rollover of a million keys. Deleting a key deletes its history.
                     .to_owned(),
             )
             .await?;

@@ -158,11 +158,20 @@ where
     Ok(Some(updated))
 }
 
-/// Deletes key `id` (its history goes with it); `false` when it did not exist.
-pub async fn delete_key(db: &impl ConnectionTrait, id: i64) -> Result<bool, DbErr> {
+/// Deletes key `id` and its history in one transaction; `false` when it did not exist.
+pub async fn delete_key<C>(db: &C, id: i64) -> Result<bool, DbErr>
+where
+    C: TransactionTrait + ConnectionTrait,
+{
+    let txn = db.begin().await?;
+    entity::usage_history::Entity::delete_many()
+        .filter(entity::usage_history::Column::ApiKeyId.eq(id))
+        .exec(&txn)
+        .await?;
     let result = ApiKeys::delete_many()
         .filter(api_keys::Column::Id.eq(id))
-        .exec(db)
+        .exec(&txn)
         .await?;
+    txn.commit().await?;
     Ok(result.rows_affected > 0)
 }

@@ -204,6 +204,10 @@ impl Service {
         )
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the service is running").id()
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

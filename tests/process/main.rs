@@ -9,3 +9,4 @@ mod common;
 mod crashes;
 mod harness;
 mod outages;
+mod soak;

@@ -4,24 +4,15 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::common::broker::BrokerClient;
-use crate::helpers::{spawn_app_with_broker, TestApp};
+use crate::helpers::spawn_app_with_broker;
 use quota_keeper::settings::UnknownKeyPolicy;
-
-async fn set_usage(app: &TestApp, id: i64, used: i64) {
-    sea_orm::ConnectionTrait::execute_unprepared(
-        &app.db,
-        &format!("UPDATE api_keys SET tokens_used_this_month = {used} WHERE id = {id}"),
-    )
-    .await
-    .unwrap();
-}
 
 #[actix_web::test]
 async fn a_check_over_direct_reply_to_is_answered_from_the_key() {
     let app = spawn_app_with_broker(|_| {}).await;
     app.create_key("alice", json!({"id": 42, "token_quota_monthly": 1000}))
         .await;
-    set_usage(&app, 42, 999).await;
+    app.set_usage(42, 999).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     let reply = client.check(42, None).await;
     assert_eq!(
@@ -39,7 +30,7 @@ async fn denial_starts_exactly_at_the_quota_with_the_spec_text() {
     let app = spawn_app_with_broker(|_| {}).await;
     app.create_key("alice", json!({"id": 42, "token_quota_monthly": 1000}))
         .await;
-    set_usage(&app, 42, 1000).await;
+    app.set_usage(42, 1000).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     let reply = client.check(42, None).await;
     assert_eq!(reply["allowed"], false);
@@ -57,8 +48,8 @@ async fn the_estimate_must_fit_and_unlimited_keys_always_pass() {
     app.create_key("alice", json!({"id": 1, "token_quota_monthly": 1000}))
         .await;
     app.create_key("alice", json!({"id": 2})).await;
-    set_usage(&app, 1, 200).await;
-    set_usage(&app, 2, 1_000_000_000).await;
+    app.set_usage(1, 200).await;
+    app.set_usage(2, 1_000_000_000).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     assert_eq!(client.check(1, Some(800)).await["status"], 200);
     let over = client.check(1, Some(801)).await;
@@ -142,7 +133,7 @@ async fn a_patch_takes_effect_for_the_very_next_check() {
     let app = spawn_app_with_broker(|_| {}).await;
     app.create_key("alice", json!({"id": 9, "token_quota_monthly": 1000}))
         .await;
-    set_usage(&app, 9, 999).await;
+    app.set_usage(9, 999).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     assert_eq!(client.check(9, None).await["status"], 200);
     let patched = app
@@ -185,7 +176,7 @@ async fn the_http_check_answers_like_amqp() {
     let app = spawn_app_with_broker(|_| {}).await;
     app.create_key("alice", json!({"id": 3, "token_quota_monthly": 100}))
         .await;
-    set_usage(&app, 3, 60).await;
+    app.set_usage(3, 60).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     let ok = app
         .admin(Method::POST, "/keys/3/check")

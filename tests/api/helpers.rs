@@ -128,6 +128,16 @@ impl TestApp {
         .await;
     }
 
+    /// Sets a key's committed counter straight in the database (before its actor loads it).
+    pub async fn set_usage(&self, id: i64, used: i64) {
+        sea_orm::ConnectionTrait::execute_unprepared(
+            &self.db,
+            &format!("UPDATE api_keys SET tokens_used_this_month = {used} WHERE id = {id}"),
+        )
+        .await
+        .expect("the database answers");
+    }
+
     /// The committed counter of a key, read from the database.
     pub async fn stored_usage(&self, id: i64) -> i64 {
         entity::api_keys::Entity::find_by_id(id)

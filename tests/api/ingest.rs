@@ -18,26 +18,9 @@ async fn wait_for_stored_usage(app: &TestApp, id: i64, expected: i64) {
     .await;
 }
 
-/// Messages still in (or unacknowledged from) the vhost's queues, per `rabbitmqctl`.
+/// Messages still in (or unacknowledged from) the test's shard queues.
 fn queued_messages(app: &TestApp) -> u64 {
-    let vhost = &app.vhost.as_ref().expect("a broker test").name;
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_queues",
-            "-p",
-            vhost,
-            "--no-table-headers",
-            "name",
-            "messages",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|line| line.starts_with("quota.shard."))
-        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
+    crate::common::queued_messages(&app.vhost.as_ref().expect("a broker test").name)
 }
 
 #[actix_web::test]

@@ -13,15 +13,6 @@ use crate::helpers::{at, eventually, spawn_app_on, spawn_app_with_broker, Backen
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn set_usage(app: &TestApp, id: i64, used: i64) {
-    sea_orm::ConnectionTrait::execute_unprepared(
-        &app.db,
-        &format!("UPDATE api_keys SET tokens_used_this_month = {used} WHERE id = {id}"),
-    )
-    .await
-    .unwrap();
-}
-
 async fn history_of(app: &TestApp, id: i64) -> Vec<(String, String, i64)> {
     usage_history::Entity::find()
         .order_by_asc(usage_history::Column::PeriodStart)
@@ -49,7 +40,7 @@ async fn the_scheduler_alone_rolls_an_idle_key_into_january() {
     app.clock.set(at("2026-12-31T23:59:59Z"));
     app.create_key("alice", json!({"id": 1, "token_quota_monthly": 100}))
         .await;
-    set_usage(&app, 1, 70).await;
+    app.set_usage(1, 70).await;
     app.clock.set(at("2027-01-01T00:00:01Z"));
     let key = eventually(WAIT, "the scheduler to roll the key over", || async {
         let key = entity::api_keys::Entity::find_by_id(1i64)
@@ -79,7 +70,7 @@ async fn a_check_rolls_a_lapsed_window_over_before_answering() {
     .await;
     app.create_key("alice", json!({"id": 2, "token_quota_monthly": 100}))
         .await;
-    set_usage(&app, 2, 100).await;
+    app.set_usage(2, 100).await;
     let check = || async {
         app.admin(Method::POST, "/keys/2/check")
             .send()
@@ -104,7 +95,7 @@ async fn months_without_the_service_are_skipped_not_replayed() {
     })
     .await;
     app.create_key("alice", json!({"id": 3})).await;
-    set_usage(&app, 3, 30).await;
+    app.set_usage(3, 30).await;
     app.clock.set(at("2027-03-10T12:00:00Z"));
     let rolled = app
         .scheduler
@@ -145,7 +136,7 @@ async fn a_late_event_across_the_year_boundary_lands_in_december() {
     app.clock.set(at("2026-12-31T23:59:50Z"));
     app.create_key("alice", json!({"id": 4, "token_quota_monthly": 1000}))
         .await;
-    set_usage(&app, 4, 50).await;
+    app.set_usage(4, 50).await;
     let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
     assert_eq!(client.check(4, None).await["tokens_used_this_month"], 50);
     app.clock.set(at("2027-01-01T00:00:05Z"));
@@ -296,7 +287,7 @@ async fn a_patch_of_a_lapsed_key_archives_the_closed_month_first() {
     .await;
     app.create_key("alice", json!({"id": 7, "token_quota_monthly": 1000}))
         .await;
-    set_usage(&app, 7, 900).await;
+    app.set_usage(7, 900).await;
     app.clock.set(at("2026-12-01T00:00:10Z"));
     let key: Value = app
         .admin(Method::PATCH, "/users/alice/apikeys/7")

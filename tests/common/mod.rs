@@ -154,3 +154,24 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Messages ready or unacknowledged in the shard queues of `vhost`, per `rabbitmqctl`.
+pub fn queued_messages(vhost: &str) -> u64 {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "messages",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with("quota.shard."))
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}

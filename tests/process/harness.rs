@@ -102,23 +102,7 @@ impl Scenario {
 
     /// Messages ready or unacknowledged in the shard queues.
     pub fn queued_messages(&self) -> u64 {
-        let output = Command::new("rabbitmqctl")
-            .args([
-                "-q",
-                "list_queues",
-                "-p",
-                &self.vhost.name,
-                "--no-table-headers",
-                "name",
-                "messages",
-            ])
-            .output()
-            .expect("rabbitmqctl runs");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter(|line| line.starts_with("quota.shard."))
-            .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum()
+        crate::common::queued_messages(&self.vhost.name)
     }
 }
 

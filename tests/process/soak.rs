@@ -64,12 +64,12 @@ async fn soak_keeps_memory_flat_and_totals_exact() {
             )
             .await;
         *expected.get_mut(&key).expect("known key") += 7;
-        if sent % (EVENTS_PER_SECOND / CHECKS_PER_SECOND) == 0 {
+        if sent.is_multiple_of(EVENTS_PER_SECOND / CHECKS_PER_SECOND) {
             let reply = client.check(key, None).await;
             assert_eq!(reply["status"], 200);
         }
         sent += 1;
-        if sent % (EVENTS_PER_SECOND * 60) == 0 {
+        if sent.is_multiple_of(EVENTS_PER_SECOND * 60) {
             let rss = resident_bytes(pid);
             samples.push(rss);
             first_rss.get_or_insert(rss);

@@ -250,7 +250,7 @@ async fn round_trips(app: &support::BenchApp) {
         rpc_load(&url, 5_000, 64, echo_target).await;
         let mut rows = Vec::new();
         for (in_flight, total) in [(1usize, 3_000usize), (64, 40_000)] {
-            for round in 0..2 {
+            for round in 0..3 {
                 let echo = rpc_load(&url, total, in_flight, echo_target).await;
                 let routed = rpc_load(&url, total, in_flight, routed_echo_target).await;
                 let service = rpc_load(&url, total, in_flight, check_target).await;

@@ -229,27 +229,25 @@ impl Actor for KeyActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         metrics::gauge!(crate::metrics::RESIDENT_KEY_ACTORS).increment(1.0);
-        let db = self.shared.db.clone();
+        let loader = self.shared.loader.clone();
         let id = self.id;
         let loading = matches!(self.state, KeyState::Loading);
         // `wait` holds every message until the key is loaded, so none sees a half-built state.
         if loading {
-            ctx.wait(
-                async move { api_keys::find_key(&db, id).await }
-                    .into_actor(self)
-                    .map(move |loaded, actor, ctx| match loaded {
-                        Ok(Some(key)) => actor.become_resident(key),
-                        Ok(None) => {
-                            actor.state = KeyState::Unknown;
-                            ctx.run_later(NEGATIVE_ENTRY_LIFETIME, |_, ctx| ctx.stop());
-                        }
-                        Err(error) => {
-                            tracing::warn!(api_key_id = id, %error, "could not load API key");
-                            actor.state = KeyState::LoadFailed(error.to_string());
-                            ctx.run_later(FAILED_LOAD_RETRY_AFTER, |_, ctx| ctx.stop());
-                        }
-                    }),
-            );
+            ctx.wait(async move { loader.load(id).await }.into_actor(self).map(
+                move |loaded, actor, ctx| match loaded {
+                    Ok(Some(key)) => actor.become_resident(key),
+                    Ok(None) => {
+                        actor.state = KeyState::Unknown;
+                        ctx.run_later(NEGATIVE_ENTRY_LIFETIME, |_, ctx| ctx.stop());
+                    }
+                    Err(error) => {
+                        tracing::warn!(api_key_id = id, %error, "could not load API key");
+                        actor.state = KeyState::LoadFailed(error);
+                        ctx.run_later(FAILED_LOAD_RETRY_AFTER, |_, ctx| ctx.stop());
+                    }
+                },
+            ));
         }
     }
 

@@ -12,6 +12,7 @@ use super::key_actor::{
     CheckQuota, DeleteKey, DescribeKey, KeyActor, KeyError, RecordUsage, StopIfIdle, StopKeyActor,
     UpdateKey, UsageCommitted, UsageRecorded, WindowRolled,
 };
+use super::loader::KeyLoader;
 use crate::clock::SharedClock;
 use crate::db::api_keys::KeyChange;
 use crate::db::rollover::RolledChunk;
@@ -29,6 +30,7 @@ const MAX_SEND_ATTEMPTS: usize = 4;
 /// What every key actor shares: dependencies, policy and the map it removes itself from.
 pub struct RegistryShared {
     pub(crate) db: DatabaseConnection,
+    pub(crate) loader: KeyLoader,
     pub(crate) clock: SharedClock,
     pub(crate) unknown_key: UnknownKeyPolicy,
     pub(crate) idle_timeout: Duration,
@@ -111,6 +113,7 @@ impl KeyRegistry {
         };
         let arbiters = (0..count).map(|_| Arbiter::new().handle()).collect();
         let shared = Arc::new(RegistryShared {
+            loader: KeyLoader::start(db.clone()),
             db,
             clock,
             unknown_key,

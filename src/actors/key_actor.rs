@@ -111,6 +111,10 @@ pub struct StopIfIdle;
 #[rtype(result = "()")]
 pub struct StopKeyActor;
 
+fn database_unavailable(error: sea_orm::DbErr) -> KeyError {
+    KeyError::Unavailable(error.to_string())
+}
+
 /// The instant of a window end kept as Unix seconds.
 fn instant_of(seconds: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(seconds, 0)
@@ -208,8 +212,12 @@ impl KeyActor {
         });
     }
 
-    fn is_resident(&self) -> bool {
-        matches!(self.state, KeyState::Resident(_))
+    /// Whether an admin change can go ahead: `false` for an unknown key, `Err` if it did not load.
+    fn ready_for_admin(&self) -> Result<bool, KeyError> {
+        match &self.state {
+            KeyState::LoadFailed(reason) => Err(KeyError::Unavailable(reason.clone())),
+            state => Ok(matches!(state, KeyState::Resident(_))),
+        }
     }
 
     fn has_pending(&self) -> bool {
@@ -286,32 +294,20 @@ impl Handler<UpdateKey> for KeyActor {
     type Result = AtomicResponse<Self, Result<Option<Model>, KeyError>>;
 
     fn handle(&mut self, msg: UpdateKey, _: &mut Self::Context) -> Self::Result {
-        let resident = self.is_resident();
-        let failed = self.unavailable();
+        let ready = self.ready_for_admin();
         let db = self.shared.db.clone();
         let now = self.shared.clock.now();
         let id = self.id;
         // Atomic: no check runs between the write and the new state, so the next check sees the change.
         AtomicResponse::new(Box::pin(
             async move {
-                if let Some(error) = failed {
-                    return Err(error);
-                }
-                if !resident {
+                if !ready? {
                     return Ok(None);
                 }
-                let unavailable = |error: sea_orm::DbErr| KeyError::Unavailable(error.to_string());
                 // The owner is checked in the database: actors keep no usernames, to stay small.
-                if api_keys::find_user_key(&db, &msg.username, id)
+                api_keys::update_key(&db, id, &msg.username, msg.change, now)
                     .await
-                    .map_err(unavailable)?
-                    .is_none()
-                {
-                    return Ok(None);
-                }
-                api_keys::update_key(&db, id, msg.change, now)
-                    .await
-                    .map_err(unavailable)
+                    .map_err(database_unavailable)
             }
             .into_actor(self)
             .map(|result, actor, _| {
@@ -329,27 +325,17 @@ impl Handler<DeleteKey> for KeyActor {
     type Result = AtomicResponse<Self, Result<bool, KeyError>>;
 
     fn handle(&mut self, msg: DeleteKey, _: &mut Self::Context) -> Self::Result {
-        let resident = self.is_resident();
-        let failed = self.unavailable();
+        let ready = self.ready_for_admin();
         let db = self.shared.db.clone();
         let id = self.id;
         AtomicResponse::new(Box::pin(
             async move {
-                if let Some(error) = failed {
-                    return Err(error);
-                }
-                if !resident {
+                if !ready? {
                     return Ok(false);
                 }
-                let unavailable = |error: sea_orm::DbErr| KeyError::Unavailable(error.to_string());
-                if api_keys::find_user_key(&db, &msg.username, id)
+                api_keys::delete_key(&db, id, &msg.username)
                     .await
-                    .map_err(unavailable)?
-                    .is_none()
-                {
-                    return Ok(false);
-                }
-                api_keys::delete_key(&db, id).await.map_err(unavailable)
+                    .map_err(database_unavailable)
             }
             .into_actor(self)
             .map(|result, actor, ctx| {

@@ -104,13 +104,14 @@ pub async fn list_user_keys(
         .await
 }
 
-/// Applies `change` to key `id` at `now`; `None` when the key does not exist.
+/// Applies `change` to key `id` of `username` at `now`; `None` when it is not that user's key.
 ///
 /// In one transaction, with the row locked: a lapsed window is first rolled over (archived into
 /// history), so neither the change nor `reset_usage` can lose a closed month's total.
 pub async fn update_key<C>(
     db: &C,
     id: i64,
+    username: &str,
     change: KeyChange,
     now: DateTime<Utc>,
 ) -> Result<Option<Model>, DbErr>
@@ -118,7 +119,7 @@ where
     C: TransactionTrait + ConnectionTrait,
 {
     let txn = db.begin().await?;
-    let mut select = ApiKeys::find_by_id(id);
+    let mut select = ApiKeys::find_by_id(id).filter(Column::Username.eq(username));
     if txn.get_database_backend() == DbBackend::Postgres {
         select = select.lock_exclusive();
     }
@@ -158,20 +159,24 @@ where
     Ok(Some(updated))
 }
 
-/// Deletes key `id` and its history in one transaction; `false` when it did not exist.
-pub async fn delete_key<C>(db: &C, id: i64) -> Result<bool, DbErr>
+/// Deletes key `id` of `username` and its history in one transaction; `false` when it is not
+/// that user's key.
+pub async fn delete_key<C>(db: &C, id: i64, username: &str) -> Result<bool, DbErr>
 where
     C: TransactionTrait + ConnectionTrait,
 {
     let txn = db.begin().await?;
-    entity::usage_history::Entity::delete_many()
-        .filter(entity::usage_history::Column::ApiKeyId.eq(id))
-        .exec(&txn)
-        .await?;
-    let result = ApiKeys::delete_many()
+    let deleted = ApiKeys::delete_many()
         .filter(api_keys::Column::Id.eq(id))
+        .filter(api_keys::Column::Username.eq(username))
         .exec(&txn)
         .await?;
+    if deleted.rows_affected > 0 {
+        entity::usage_history::Entity::delete_many()
+            .filter(entity::usage_history::Column::ApiKeyId.eq(id))
+            .exec(&txn)
+            .await?;
+    }
     txn.commit().await?;
-    Ok(result.rows_affected > 0)
+    Ok(deleted.rows_affected > 0)
 }

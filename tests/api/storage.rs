@@ -46,6 +46,7 @@ async fn keys_round_trip(backend: Backend) {
     let changed = api_keys::update_key(
         &db,
         created.id,
+        "alice",
         api_keys::KeyChange {
             token_quota_monthly: Some(None),
             ..Default::default()
@@ -101,8 +102,16 @@ async fn keys_round_trip(backend: Backend) {
     ));
 
     // Deleting a key takes its history with it.
-    assert!(api_keys::delete_key(&db, created.id).await.unwrap());
-    assert!(!api_keys::delete_key(&db, created.id).await.unwrap());
+    assert!(
+        !api_keys::delete_key(&db, created.id, "bob").await.unwrap(),
+        "not bob's key"
+    );
+    assert!(api_keys::delete_key(&db, created.id, "alice")
+        .await
+        .unwrap());
+    assert!(!api_keys::delete_key(&db, created.id, "alice")
+        .await
+        .unwrap());
     assert_eq!(
         usage_history::Entity::find().all(&db).await.unwrap().len(),
         0

@@ -1,7 +1,7 @@
 //! Set-based monthly rollover of every lapsed key, in chunks, archiving each closed window into history.
 
 use chrono::{DateTime, Utc};
-use entity::{api_keys, processed_events, usage_history};
+use entity::{api_keys, processed_events};
 use futures::StreamExt;
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, LockType, Query};
 use sea_orm::{
@@ -9,7 +9,7 @@ use sea_orm::{
     QuerySelect, Statement, TransactionSession, TransactionTrait,
 };
 
-use super::usage::add_to_existing_history;
+use super::usage::history_upsert;
 use crate::domain::window::{next_window_start, window_ending_at};
 
 /// Keys rolled over per transaction: short transactions, so checks' key loads and the batch
@@ -140,18 +140,10 @@ where
     if txn.get_database_backend() == DbBackend::Postgres {
         closing.lock(LockType::Update);
     }
-    let mut archive = Query::insert();
+    let mut archive = history_upsert();
     archive
-        .into_table(usage_history::Entity)
-        .columns([
-            usage_history::Column::ApiKeyId,
-            usage_history::Column::PeriodStart,
-            usage_history::Column::PeriodEnd,
-            usage_history::Column::Tokens,
-        ])
         .select_from(closing)
-        .map_err(|error| DbErr::Custom(error.to_string()))?
-        .on_conflict(add_to_existing_history());
+        .map_err(|error| DbErr::Custom(error.to_string()))?;
     txn.execute(&archive).await?;
     let mut reset = Query::update();
     reset

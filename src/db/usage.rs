@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use entity::{api_keys, processed_events, usage_history};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, InsertStatement, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, TransactionSession, TransactionTrait,
@@ -271,20 +271,32 @@ async fn add_to_counters(
         .map_err(DbErr::from)
 }
 
-/// On a second row for the same key and window, add the tokens to the first.
-pub(crate) fn add_to_existing_history() -> OnConflict {
-    OnConflict::columns([
-        usage_history::Column::ApiKeyId,
-        usage_history::Column::PeriodStart,
-    ])
-    .value(
-        usage_history::Column::Tokens,
-        Expr::col((usage_history::Entity, usage_history::Column::Tokens)).add(Expr::col((
-            Alias::new("excluded"),
+/// An insert into `usage_history` (key, window start and end, tokens) that, on a second row for
+/// the same key and window, adds its tokens to the first. Callers give the rows.
+pub(crate) fn history_upsert() -> InsertStatement {
+    Query::insert()
+        .into_table(usage_history::Entity)
+        .columns([
+            usage_history::Column::ApiKeyId,
+            usage_history::Column::PeriodStart,
+            usage_history::Column::PeriodEnd,
             usage_history::Column::Tokens,
-        ))),
-    )
-    .to_owned()
+        ])
+        .on_conflict(
+            OnConflict::columns([
+                usage_history::Column::ApiKeyId,
+                usage_history::Column::PeriodStart,
+            ])
+            .value(
+                usage_history::Column::Tokens,
+                Expr::col((usage_history::Entity, usage_history::Column::Tokens)).add(Expr::col((
+                    Alias::new("excluded"),
+                    usage_history::Column::Tokens,
+                ))),
+            )
+            .to_owned(),
+        )
+        .to_owned()
 }
 
 /// Adds tokens to closed windows' history rows, creating them if missing.
@@ -295,16 +307,7 @@ pub(crate) async fn add_to_history(
     if history.is_empty() {
         return Ok(());
     }
-    let mut insert = Query::insert();
-    insert
-        .into_table(usage_history::Entity)
-        .columns([
-            usage_history::Column::ApiKeyId,
-            usage_history::Column::PeriodStart,
-            usage_history::Column::PeriodEnd,
-            usage_history::Column::Tokens,
-        ])
-        .on_conflict(add_to_existing_history());
+    let mut insert = history_upsert();
     for ((key_id, window), tokens) in history {
         insert.values_panic([
             (*key_id).into(),

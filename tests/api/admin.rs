@@ -103,14 +103,7 @@ async fn create_validates_its_body() {
         assert_eq!(response.status(), status, "body {body}");
         assert!(!detail_of(response).await.is_empty());
     }
-    let keys: Value = app
-        .admin(Method::GET, "/users/alice/apikeys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = app.admin_get_json("/users/alice/apikeys").await;
     assert_eq!(
         keys.as_array().unwrap().len(),
         1,
@@ -124,14 +117,7 @@ async fn list_shows_only_that_users_keys_in_id_order() {
     app.create_key("alice", json!({"id": 7})).await;
     app.create_key("bob", json!({"id": 5})).await;
     app.create_key("alice", json!({"id": 3})).await;
-    let keys: Value = app
-        .admin(Method::GET, "/users/alice/apikeys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = app.admin_get_json("/users/alice/apikeys").await;
     let ids: Vec<i64> = keys
         .as_array()
         .unwrap()
@@ -139,14 +125,7 @@ async fn list_shows_only_that_users_keys_in_id_order() {
         .map(|k| k["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids, vec![3, 7]);
-    let nobody: Value = app
-        .admin(Method::GET, "/users/carol/apikeys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let nobody: Value = app.admin_get_json("/users/carol/apikeys").await;
     assert_eq!(nobody, json!([]));
 }
 
@@ -419,14 +398,7 @@ async fn oversized_and_deeply_nested_bodies_are_refused() {
         );
         assert!(!detail_of(response).await.is_empty());
     }
-    let keys: Value = app
-        .admin(Method::GET, "/users/alice/apikeys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let keys: Value = app.admin_get_json("/users/alice/apikeys").await;
     assert_eq!(keys, json!([]), "nothing was created");
 }
 

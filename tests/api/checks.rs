@@ -113,15 +113,7 @@ async fn malformed_requests_get_400_and_the_consumer_keeps_answering() {
     client.check_without_reply_to(5).await;
     let reply = client.check(5, None).await;
     assert_eq!(reply["status"], 200);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("quota_check_requests_dropped_total"),
         "{metrics}"
@@ -212,15 +204,7 @@ async fn the_http_check_answers_like_amqp() {
         .await
         .unwrap();
     assert_eq!(anonymous.status(), 401);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("quota_checks_total{outcome=\"denied\"}"),
         "{metrics}"

@@ -159,6 +159,29 @@ impl TestApp {
             .basic_auth("admin", Some(ADMIN_PASSWORD))
     }
 
+    /// An admin GET of `path`, its JSON body.
+    pub async fn admin_get_json(&self, path: &str) -> Value {
+        self.admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("the app answers")
+            .json()
+            .await
+            .expect("the body is JSON")
+    }
+
+    /// The `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("the app answers")
+            .text()
+            .await
+            .expect("metrics are text")
+    }
+
     /// Creates a key for `username` with the JSON `body` and returns the created key.
     pub async fn create_key(&self, username: &str, body: Value) -> Value {
         let response = self

@@ -189,15 +189,7 @@ async fn usage_of_unknown_keys_is_acknowledged_and_not_counted() {
         (queued_messages(&app) == 0).then_some(())
     })
     .await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     let unknown: f64 = metrics
         .lines()
         .find(|line| line.starts_with("quota_usage_unknown_key_total"))

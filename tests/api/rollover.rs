@@ -168,14 +168,7 @@ async fn a_late_event_across_the_year_boundary_lands_in_december() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(history_of(&app, 4).await.first().map(|row| row.2), Some(60));
 
-    let usage: Value = app
-        .admin(Method::GET, "/keys/4/usage")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = app.admin_get_json("/keys/4/usage").await;
     assert_eq!(
         usage,
         json!({
@@ -207,14 +200,7 @@ async fn usage_lists_history_newest_first() {
         .await
         .unwrap();
     }
-    let usage: Value = app
-        .admin(Method::GET, "/keys/5/usage")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = app.admin_get_json("/keys/5/usage").await;
     let months: Vec<&str> = usage["history"]
         .as_array()
         .unwrap()

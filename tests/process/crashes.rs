@@ -18,11 +18,7 @@ async fn sigterm_commits_and_acknowledges_everything_then_exits_0() {
         ("QUOTA__AMQP__PREFETCH", "20000"),
     ])
     .await;
-    let mut service = scenario.start();
-    service.wait_ready().await;
-    for key in KEYS {
-        service.create_key(key, None).await;
-    }
+    let mut service = scenario.start_with_keys(&KEYS, None).await;
     let client = scenario.broker().await;
     let expected = publish_events(&client, "term", &KEYS, 500).await;
     // Consumed (the checks see it) but not committed.
@@ -56,16 +52,8 @@ async fn sigterm_commits_and_acknowledges_everything_then_exits_0() {
 async fn sigkill_in_the_middle_of_ingestion_loses_and_doubles_nothing() {
     let _serial = SERIAL.lock().await;
     let scenario = Scenario::new(&[]).await;
-    let mut service = scenario.start();
-    service.wait_ready().await;
-    for key in KEYS {
-        service.create_key(key, None).await;
-    }
-    let url = scenario.vhost.url();
-    let publisher = tokio::spawn(async move {
-        let client = crate::common::broker::BrokerClient::connect(&url).await;
-        publish_events(&client, "kill", &KEYS, 3000).await
-    });
+    let mut service = scenario.start_with_keys(&KEYS, None).await;
+    let publisher = scenario.spawn_publisher("kill".into(), &KEYS, 3000);
     tokio::time::sleep(Duration::from_millis(400)).await;
     service.kill();
     let service = scenario.start();
@@ -78,18 +66,10 @@ async fn sigkill_in_the_middle_of_ingestion_loses_and_doubles_nothing() {
 async fn five_sigkills_at_random_moments_then_exact_totals() {
     let _serial = SERIAL.lock().await;
     let scenario = Scenario::new(&[]).await;
-    let mut service = scenario.start();
-    service.wait_ready().await;
-    for key in KEYS {
-        service.create_key(key, None).await;
-    }
+    let mut service = scenario.start_with_keys(&KEYS, None).await;
     let mut expected = std::collections::BTreeMap::new();
     for round in 0..5 {
-        let url = scenario.vhost.url();
-        let publisher = tokio::spawn(async move {
-            let client = crate::common::broker::BrokerClient::connect(&url).await;
-            publish_events(&client, &format!("round{round}"), &KEYS, 800).await
-        });
+        let publisher = scenario.spawn_publisher(format!("round{round}"), &KEYS, 800);
         let delay = rand::rng().random_range(50..700);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         service.kill();

@@ -78,6 +78,30 @@ impl Scenario {
         }
     }
 
+    /// Starts the service, waits until it is ready and creates `keys` with `quota`.
+    pub async fn start_with_keys(&self, keys: &[i64], quota: Option<i64>) -> Service {
+        let service = self.start();
+        service.wait_ready().await;
+        for &key in keys {
+            service.create_key(key, quota).await;
+        }
+        service
+    }
+
+    /// Publishes `count` events on a task of its own; it returns what each key should total.
+    pub fn spawn_publisher(
+        &self,
+        prefix: String,
+        keys: &'static [i64],
+        count: usize,
+    ) -> tokio::task::JoinHandle<BTreeMap<i64, i64>> {
+        let url = self.vhost.url();
+        tokio::spawn(async move {
+            let client = BrokerClient::connect(&url).await;
+            publish_events(&client, &prefix, keys, count).await
+        })
+    }
+
     pub async fn broker(&self) -> BrokerClient {
         BrokerClient::connect(&self.vhost.url()).await
     }

@@ -78,11 +78,7 @@ impl Drop for DatabaseStopped {
 async fn a_broker_restart_while_events_flow_loses_and_doubles_nothing() {
     let _serial = SERIAL.lock().await;
     let scenario = Scenario::new(&[]).await;
-    let mut service = scenario.start();
-    service.wait_ready().await;
-    for key in KEYS {
-        service.create_key(key, Some(1_000_000_000)).await;
-    }
+    let mut service = scenario.start_with_keys(&KEYS, Some(1_000_000_000)).await;
     assert_eq!(service.http_check(1).await.0, 200);
     let client = scenario.broker().await;
     let mut expected = publish_events(&client, "before", &KEYS, 1000).await;
@@ -129,10 +125,8 @@ async fn a_broker_restart_while_events_flow_loses_and_doubles_nothing() {
 async fn a_database_outage_keeps_checks_answered_and_acknowledges_only_after_commit() {
     let _serial = SERIAL.lock().await;
     let scenario = Scenario::new(&[]).await;
-    let mut service = scenario.start();
-    service.wait_ready().await;
+    let mut service = scenario.start_with_keys(&KEYS, Some(1_000_000_000)).await;
     for key in KEYS {
-        service.create_key(key, Some(1_000_000_000)).await;
         assert_eq!(service.http_check(key).await.0, 200, "key {key} resident");
     }
     let mut client = scenario.broker().await;

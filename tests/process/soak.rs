@@ -41,11 +41,7 @@ async fn soak_keeps_memory_flat_and_totals_exact() {
             .unwrap_or(600),
     );
     let scenario = Scenario::new(&[]).await;
-    let service = scenario.start();
-    service.wait_ready().await;
-    for key in KEYS {
-        service.create_key(key, Some(i64::MAX / 2)).await;
-    }
+    let service = scenario.start_with_keys(&KEYS, Some(i64::MAX / 2)).await;
     let pid = service.pid();
     let mut client = scenario.broker().await;
     let mut expected: std::collections::BTreeMap<i64, i64> = KEYS.iter().map(|&k| (k, 0)).collect();

@@ -45,20 +45,25 @@ fn event_body(i: usize, keys: usize) -> Vec<u8> {
     format!(r#"{{"event_id": "e-{i}", "api_key_id": {key}, "tokens": 3}}"#).into_bytes()
 }
 
-/// Publishes persistent messages with confirms, `PUBLISH_CHUNK` outstanding at a time.
-async fn publish_all(channel: &Channel, exchange: &str, count: usize, keys: usize) {
+/// Publishes persistent messages with confirms, `PUBLISH_CHUNK` outstanding at a time, to
+/// `exchange` with the key id as routing key, or through the default exchange to `queue`.
+async fn publish_all(
+    channel: &Channel,
+    exchange: &str,
+    queue: Option<&str>,
+    count: usize,
+    keys: usize,
+) {
     let mut confirms = Vec::with_capacity(PUBLISH_CHUNK);
     for i in 0..count {
-        let key = ((i % keys) + 1).to_string();
+        let routing_key = match queue {
+            Some(queue) => queue.to_string(),
+            None => ((i % keys) + 1).to_string(),
+        };
         let confirm = channel
             .basic_publish(
                 exchange.into(),
-                if exchange.is_empty() {
-                    ""
-                } else {
-                    key.as_str()
-                }
-                .into(),
+                routing_key.as_str().into(),
                 BasicPublishOptions::default(),
                 &event_body(i, keys),
                 BasicProperties::default().with_delivery_mode(2),
@@ -94,27 +99,7 @@ async fn publish_to_queue(url: &str, queue: &str, count: usize, keys: usize) {
         )
         .await
         .expect("queue");
-    // Publish through the default exchange: routing key = queue name.
-    let mut confirms = Vec::with_capacity(PUBLISH_CHUNK);
-    for i in 0..count {
-        confirms.push(
-            channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &event_body(i, keys),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .expect("publish"),
-        );
-        if confirms.len() == PUBLISH_CHUNK || i + 1 == count {
-            for confirm in futures::future::join_all(confirms.drain(..)).await {
-                assert!(confirm.expect("confirm").is_ack());
-            }
-        }
-    }
+    publish_all(&channel, "", Some(queue), count, keys).await;
     let _ = connection.close(200, "done".into()).await;
 }
 
@@ -265,7 +250,7 @@ async fn service_run(keys: usize) -> (f64, f64, f64) {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    publish_all(&channel, "quota.usage", EVENTS, keys).await;
+    publish_all(&channel, "quota.usage", None, EVENTS, keys).await;
     let _ = connection.close(200, "published".into()).await;
 
     let expected = 3 * EVENTS as i64;

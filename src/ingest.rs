@@ -1,17 +1,16 @@
-//! The batch writer: collects consumed usage events, commits them in batches, then acknowledges them.
+//! The batch writers: collect consumed usage events, commit them in batches, then settle their deliveries.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::BasicAckOptions;
-use lapin::Acker;
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::actors::key_actor::{PendingTicket, UsageCommitted};
 use crate::actors::registry::KeyRegistry;
+use crate::amqp::acks::{PendingAck, Settlement};
 use crate::clock::SharedClock;
 use crate::db::usage::{commit_batch, BatchOutcome};
 use crate::domain::usage::UsageEvent;
@@ -28,8 +27,8 @@ pub struct ConsumedEvent {
     pub event: UsageEvent,
     /// Tokens the key actor holds as pending for it, released after the commit.
     pub ticket: Option<PendingTicket>,
-    /// Acknowledges the delivery; fired only after the commit.
-    pub acker: Acker,
+    /// Acknowledges the delivery; settled only after the commit.
+    pub ack: PendingAck,
 }
 
 enum Command {
@@ -37,26 +36,38 @@ enum Command {
     Flush(oneshot::Sender<()>),
 }
 
-/// Sends events to the batch writer task. Unbounded: the broker's prefetch bounds what is in flight.
+/// Sends events to the batch writer lane that owns their key. Unbounded: the broker's prefetch
+/// bounds what is in flight.
 #[derive(Clone)]
 pub struct BatchWriterHandle {
-    commands: mpsc::UnboundedSender<Command>,
+    lanes: Vec<mpsc::UnboundedSender<Command>>,
 }
 
 impl BatchWriterHandle {
     pub fn submit(&self, event: ConsumedEvent) {
+        let lane = lane_of(event.event.api_key_id, self.lanes.len());
         // The writer outlives every consumer; if it is gone the process is stopping and the
         // unacknowledged delivery comes again.
-        let _ = self.commands.send(Command::Event(event));
+        let _ = self.lanes[lane].send(Command::Event(event));
     }
 
-    /// Commits everything submitted so far; returns once it is committed and acknowledged.
+    /// Commits everything submitted so far; returns once it is committed and every delivery is
+    /// settled with its channel's sequencer.
     pub async fn flush(&self) {
-        let (done, committed) = oneshot::channel();
-        if self.commands.send(Command::Flush(done)).is_ok() {
-            let _ = committed.await;
-        }
+        let flushed = self.lanes.iter().map(|lane| async move {
+            let (done, committed) = oneshot::channel();
+            if lane.send(Command::Flush(done)).is_ok() {
+                let _ = committed.await;
+            }
+        });
+        futures::future::join_all(flushed).await;
     }
+}
+
+/// The lane that commits the events of key `api_key_id`: always the same one, so a key's batches
+/// commit one after another and its actor learns their counters in commit order.
+fn lane_of(api_key_id: i64, lanes: usize) -> usize {
+    api_key_id.rem_euclid(lanes as i64) as usize
 }
 
 /// Everything the writer needs.
@@ -69,14 +80,29 @@ pub struct BatchWriter {
 }
 
 impl BatchWriter {
-    /// Starts the writer task; it ends when every handle is dropped, after a last flush.
+    /// Starts one task per lane (`ingest.writers`; one on SQLite, which has a single writer);
+    /// the returned task ends when every handle is dropped and each lane has made a last flush.
     pub fn spawn(self) -> (BatchWriterHandle, tokio::task::JoinHandle<()>) {
-        let (commands, receiver) = mpsc::unbounded_channel();
-        let task = tokio::spawn(self.run(receiver));
-        (BatchWriterHandle { commands }, task)
+        let lane_count = if self.db.get_database_backend() == DbBackend::Sqlite {
+            1
+        } else {
+            self.settings.writers
+        };
+        let writer = Arc::new(self);
+        let mut lanes = Vec::with_capacity(lane_count);
+        let mut tasks = Vec::with_capacity(lane_count);
+        for _ in 0..lane_count {
+            let (commands, receiver) = mpsc::unbounded_channel();
+            lanes.push(commands);
+            tasks.push(tokio::spawn(Arc::clone(&writer).run(receiver)));
+        }
+        let all_stopped = tokio::spawn(async move {
+            futures::future::join_all(tasks).await;
+        });
+        (BatchWriterHandle { lanes }, all_stopped)
     }
 
-    async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    async fn run(self: Arc<Self>, mut commands: mpsc::UnboundedReceiver<Command>) {
         let flush_interval = Duration::from_millis(self.settings.flush_interval_ms);
         let mut batch: Vec<ConsumedEvent> = Vec::with_capacity(self.settings.batch_size);
         let mut deadline: Option<Instant> = None;
@@ -116,7 +142,8 @@ impl BatchWriter {
         }
     }
 
-    /// Commits one batch (retrying until the database takes it), then acknowledges and informs the actors.
+    /// Commits one batch (retrying until the database takes it), informs the actors, then settles
+    /// its deliveries.
     async fn commit(&self, batch: Vec<ConsumedEvent>) {
         if batch.is_empty() {
             return;
@@ -141,22 +168,20 @@ impl BatchWriter {
             }
         };
         record_outcome(&outcome);
-        // Only now may the broker forget these deliveries. A failed ack (channel lost) means a
-        // redelivery, which the event ids already committed turn into a duplicate.
-        let acks = batch
-            .iter()
-            .map(|consumed| consumed.acker.ack(BasicAckOptions::default()));
-        for result in futures::future::join_all(acks).await {
-            if let Err(error) = result {
-                tracing::debug!(%error, "ack after commit failed; the delivery will come again as a duplicate");
-            }
+        // Only now may the broker forget these deliveries. An ack that fails (channel lost) means
+        // a redelivery, which the event ids already committed turn into a duplicate.
+        for ack in self.inform_actors(batch, &outcome) {
+            ack.settle(Settlement::Ack);
         }
-        self.inform_actors(batch, &outcome);
     }
 
-    fn inform_actors(&self, batch: Vec<ConsumedEvent>, outcome: &BatchOutcome) {
+    /// Sends each key's actor its committed counter and releases its pending tickets; returns
+    /// the deliveries to settle.
+    fn inform_actors(&self, batch: Vec<ConsumedEvent>, outcome: &BatchOutcome) -> Vec<PendingAck> {
         let mut per_key: HashMap<i64, UsageCommitted> = HashMap::new();
+        let mut acks = Vec::with_capacity(batch.len());
         for consumed in batch {
+            acks.push(consumed.ack);
             if let Some(ticket) = consumed.ticket {
                 per_key
                     .entry(consumed.event.api_key_id)
@@ -180,6 +205,7 @@ impl BatchWriter {
         for (key_id, committed) in per_key {
             self.registry.notify_committed(key_id, committed);
         }
+        acks
     }
 }
 

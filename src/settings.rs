@@ -16,6 +16,8 @@ pub enum SettingsError {
 
 /// Largest batch whose statements stay within the databases' bound-parameter limits.
 pub const MAX_BATCH_SIZE: usize = 8_000;
+/// Most batch writers: past the cores of any sensible database host, more only contend.
+pub const MAX_WRITERS: usize = 16;
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -143,6 +145,9 @@ pub struct IngestSettings {
     pub batch_size: usize,
     /// Longest time an event waits before its batch is flushed.
     pub flush_interval_ms: u64,
+    /// Batch writers committing at once on PostgreSQL (SQLite has one). Each owns the keys whose
+    /// id modulo `writers` is its number, so one key's batches still commit one after another.
+    pub writers: usize,
     /// How long processed event ids are kept for deduplication.
     pub event_retention_days: u32,
 }
@@ -152,6 +157,7 @@ impl Default for IngestSettings {
         IngestSettings {
             batch_size: 1_000,
             flush_interval_ms: 200,
+            writers: 2,
             event_retention_days: 8,
         }
     }
@@ -281,6 +287,19 @@ impl Settings {
         }
         if self.ingest.flush_interval_ms == 0 {
             return Err(invalid("ingest.flush_interval_ms", "must be at least 1"));
+        }
+        if !(1..=MAX_WRITERS).contains(&self.ingest.writers) {
+            return Err(invalid(
+                "ingest.writers",
+                format!("must be between 1 and {MAX_WRITERS}"),
+            ));
+        }
+        // Each writer holds a connection while it commits; key loads and admin requests need one too.
+        if self.ingest.writers >= self.database.max_connections as usize {
+            return Err(invalid(
+                "ingest.writers",
+                "must be less than database.max_connections",
+            ));
         }
         if self.ingest.event_retention_days == 0 {
             return Err(invalid("ingest.event_retention_days", "must be at least 1"));

@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261123_000001_create_api_keys;
 mod m20261123_000002_create_usage_history;
 mod m20261123_000003_create_processed_events;
+mod m20261124_000004_api_keys_fillfactor;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000001_create_api_keys::Migration),
             Box::new(m20261123_000002_create_usage_history::Migration),
             Box::new(m20261123_000003_create_processed_events::Migration),
+            Box::new(m20261124_000004_api_keys_fillfactor::Migration),
         ]
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use entity::api_keys::{self, Model};
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use sea_orm::{DatabaseConnection, EntityTrait, QueryFilter};
 use tokio::sync::{mpsc, oneshot};
 
 /// Keys loaded by one query at most.
@@ -36,7 +36,7 @@ impl KeyLoader {
                 }
                 let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
                 let loaded = api_keys::Entity::find()
-                    .filter(api_keys::Column::Id.is_in(ids))
+                    .filter(crate::db::key_id_in(db.get_database_backend(), ids))
                     .all(&db)
                     .await;
                 match loaded {

@@ -4,10 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 
+use super::acks::{AckSequencer, PendingAck, Settlement};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
 use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
@@ -33,18 +34,26 @@ pub struct DeliveryContext {
     pub clock: SharedClock,
 }
 
-/// Routes a delivery by the exchange the client published to.
-pub async fn handle_delivery(delivery: Delivery, context: Arc<DeliveryContext>) {
+/// Routes a delivery by the exchange the client published to. Called in delivery order: a usage
+/// delivery is registered with its channel's `acks` sequencer before the returned future runs.
+pub fn handle_delivery(
+    delivery: Delivery,
+    context: Arc<DeliveryContext>,
+    acks: &AckSequencer,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let is_check = match delivery.exchange.as_str() {
         CHECK_EXCHANGE => true,
         USAGE_EXCHANGE => false,
         // Published straight to a shard queue: a request names where to reply, an event does not.
         _ => delivery.properties.reply_to().is_some(),
     };
-    if is_check {
-        answer_check(delivery, &context).await;
-    } else {
-        take_usage(delivery, &context).await;
+    let usage_ack =
+        (!is_check).then(|| acks.register(delivery.delivery_tag, delivery.acker.clone()));
+    async move {
+        match usage_ack {
+            None => answer_check(delivery, &context).await,
+            Some(ack) => take_usage(delivery, ack, &context).await,
+        }
     }
 }
 
@@ -99,14 +108,14 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
 }
 
 /// Validates a usage event, counts it in its key's memory and hands it to the batch writer.
-async fn take_usage(delivery: Delivery, context: &DeliveryContext) {
+async fn take_usage(delivery: Delivery, ack: PendingAck, context: &DeliveryContext) {
     let event = match decode_usage_event(&delivery.data, context.clock.now()) {
         Ok(event) => event,
-        Err(rejection) => return dead_letter(delivery, rejection, context).await,
+        Err(rejection) => return dead_letter(delivery, ack, rejection, context).await,
     };
     if event.tokens == 0 {
         metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
-        ack(&delivery).await;
+        ack.settle(Settlement::Ack);
         return;
     }
     let ticket = match context
@@ -119,15 +128,16 @@ async fn take_usage(delivery: Delivery, context: &DeliveryContext) {
         // that could not be loaded may exist: the batch writer decides against the database.
         Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_) => None,
     };
-    context.writer.submit(ConsumedEvent {
-        event,
-        ticket,
-        acker: delivery.acker,
-    });
+    context.writer.submit(ConsumedEvent { event, ticket, ack });
 }
 
 /// Stores the message in `quota.usage.dead` with the reason, then acknowledges the original.
-async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &DeliveryContext) {
+async fn dead_letter(
+    delivery: Delivery,
+    ack: PendingAck,
+    rejection: Rejection,
+    context: &DeliveryContext,
+) {
     tracing::info!(reason = %rejection, "usage message dead-lettered");
     metrics::counter!(names::USAGE_DEAD_LETTERED_TOTAL).increment(1);
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -172,17 +182,11 @@ async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &Deliver
     }
     .await;
     match stored {
-        Ok(lapin::Confirmation::Ack(None)) => ack(&delivery).await,
+        Ok(lapin::Confirmation::Ack(None)) => ack.settle(Settlement::Ack),
         outcome => {
             tracing::warn!(?outcome, "dead letter not stored; handing the message back");
             tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            ack.settle(Settlement::Requeue);
         }
     }
 }

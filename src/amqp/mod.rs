@@ -1,5 +1,6 @@
 //! RabbitMQ: a supervisor that connects, declares the topology, consumes every shard and reconnects with backoff.
 
+pub mod acks;
 pub mod consumer;
 pub mod publish;
 pub mod topology;
@@ -21,6 +22,7 @@ use crate::clock::SharedClock;
 use crate::ingest::BatchWriterHandle;
 use crate::readiness::{BrokerState, Readiness};
 use crate::settings::AmqpSettings;
+use acks::AckSequencer;
 use consumer::DeliveryContext;
 
 /// First pause after a lost or refused connection; doubles up to `amqp.reconnect_max_backoff_ms`.
@@ -131,7 +133,15 @@ impl AmqpService {
         *backoff = FIRST_RECONNECT_BACKOFF;
 
         let in_flight = TaskTracker::new();
-        let mut deliveries = futures::stream::select_all(consumers);
+        // One sequencer per shard channel; each delivery is tagged with its channel's index.
+        let sequencers: Vec<AckSequencer> =
+            consumers.iter().map(|_| AckSequencer::start()).collect();
+        let mut deliveries = futures::stream::select_all(
+            consumers
+                .into_iter()
+                .enumerate()
+                .map(|(shard, consumer)| consumer.map(move |delivery| (shard, delivery))),
+        );
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
@@ -142,14 +152,16 @@ impl AmqpService {
                     in_flight.close();
                     let _ = tokio::time::timeout(IN_FLIGHT_GRACE, in_flight.wait()).await;
                     self.writer.flush().await;
+                    futures::future::join_all(sequencers.iter().map(AckSequencer::sent)).await;
                     let _ = connection.close(200, "shutting down".into()).await;
                     return Ok(SessionEnd::ShutdownRequested);
                 }
                 next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => {
-                        in_flight.spawn(consumer::handle_delivery(delivery, Arc::clone(&context)));
+                    Some((shard, Ok(delivery))) => {
+                        let handled = consumer::handle_delivery(delivery, Arc::clone(&context), &sequencers[shard]);
+                        in_flight.spawn(handled);
                     }
-                    Some(Err(error)) => return Err(error.into()),
+                    Some((_, Err(error))) => return Err(error.into()),
                     None => return Err(SessionError::ConsumersEnded),
                 }
             }

@@ -4,10 +4,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use entity::{api_keys, processed_events, usage_history};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, InsertStatement, OnConflict, Query};
+use sea_orm::sea_query::{
+    Alias, Expr, ExprTrait, InsertStatement, OnConflict, Query, UpdateStatement,
+};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionSession, TransactionTrait,
+    QuerySelect, Statement, TransactionSession, TransactionTrait,
 };
 
 use crate::domain::quota::QuotaState;
@@ -93,10 +95,14 @@ async fn apply_batch(
         entry.0 += event.tokens;
         entry.1 += 1;
     }
+    let backend = txn.get_database_backend();
     let mut rows = api_keys::Entity::find()
-        .filter(api_keys::Column::Id.is_in(batch_keys.iter().copied()))
+        .filter(super::key_id_in(
+            backend,
+            batch_keys.iter().copied().collect(),
+        ))
         .order_by_asc(api_keys::Column::Id);
-    if txn.get_database_backend() == DbBackend::Postgres {
+    if backend == DbBackend::Postgres {
         rows = rows.lock_exclusive();
     }
     let rows: HashMap<i64, api_keys::Model> = rows
@@ -202,6 +208,30 @@ async fn insert_new_event_ids(
     if events.is_empty() {
         return Ok(HashSet::new());
     }
+    let rows = if txn.get_database_backend() == DbBackend::Postgres {
+        // Three array parameters instead of three per event: a third of the time on PostgreSQL.
+        let ids: Vec<String> = events.iter().map(|event| event.event_id.clone()).collect();
+        let keys: Vec<i64> = events.iter().map(|event| event.api_key_id).collect();
+        txn.query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO processed_events (event_id, api_key_id, processed_at) \
+             SELECT event_id, api_key_id, $3 FROM UNNEST($1::varchar[], $2::bigint[]) \
+             AS batch(event_id, api_key_id) \
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            [ids.into(), keys.into(), now.into()],
+        ))
+        .await?
+    } else {
+        txn.query_all(&insert_event_ids_statement(events, now))
+            .await?
+    };
+    rows.iter()
+        .map(|row| row.try_get_by_index::<String>(0))
+        .collect::<Result<HashSet<_>, DbErr>>()
+}
+
+/// The portable form: one row of bound values per event.
+fn insert_event_ids_statement(events: &[&UsageEvent], now: DateTime<Utc>) -> InsertStatement {
     let mut insert = Query::insert();
     insert
         .into_table(processed_events::Entity)
@@ -223,10 +253,7 @@ async fn insert_new_event_ids(
             now.into(),
         ]);
     }
-    let rows = txn.query_all(&insert).await?;
-    rows.iter()
-        .map(|row| row.try_get_by_index::<String>(0))
-        .collect::<Result<HashSet<_>, DbErr>>()
+    insert
 }
 
 /// `used = used + delta` for every key in one statement; returns the new counters.
@@ -234,6 +261,40 @@ async fn add_to_counters(
     txn: &impl ConnectionTrait,
     increments: &[(i64, i64)],
 ) -> Result<Vec<CommittedCounter>, DbErr> {
+    let rows = if txn.get_database_backend() == DbBackend::Postgres {
+        // A join against two array parameters: linear, where the portable `CASE` compares every
+        // row with every key (half the time for 1,000 keys).
+        let (keys, deltas): (Vec<i64>, Vec<i64>) = increments.iter().copied().unzip();
+        txn.query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "UPDATE api_keys SET \
+             tokens_used_this_month = api_keys.tokens_used_this_month + batch.delta, \
+             counter_version = api_keys.counter_version + 1 \
+             FROM UNNEST($1::bigint[], $2::bigint[]) AS batch(id, delta) \
+             WHERE api_keys.id = batch.id \
+             RETURNING api_keys.id, api_keys.tokens_used_this_month, api_keys.quota_reset_at, \
+             api_keys.counter_version",
+            [keys.into(), deltas.into()],
+        ))
+        .await?
+    } else {
+        txn.query_all(&increment_case_statement(increments)).await?
+    };
+    rows.iter()
+        .map(|row| {
+            Ok(CommittedCounter {
+                api_key_id: row.try_get_by_index(0)?,
+                used: row.try_get_by_index(1)?,
+                reset_at: row.try_get_by_index(2)?,
+                version: row.try_get_by_index(3)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sea_orm::TryGetError>>()
+        .map_err(DbErr::from)
+}
+
+/// The portable form of the increment: one `CASE` branch per key.
+fn increment_case_statement(increments: &[(i64, i64)]) -> UpdateStatement {
     let mut delta = Expr::case(api_keys::Column::Id.eq(increments[0].0), increments[0].1);
     for &(key_id, tokens) in &increments[1..] {
         delta = delta.case(api_keys::Column::Id.eq(key_id), tokens);
@@ -257,18 +318,7 @@ async fn add_to_counters(
             api_keys::Column::QuotaResetAt,
             api_keys::Column::CounterVersion,
         ]));
-    let rows = txn.query_all(&update).await?;
-    rows.iter()
-        .map(|row| {
-            Ok(CommittedCounter {
-                api_key_id: row.try_get_by_index(0)?,
-                used: row.try_get_by_index(1)?,
-                reset_at: row.try_get_by_index(2)?,
-                version: row.try_get_by_index(3)?,
-            })
-        })
-        .collect::<Result<Vec<_>, sea_orm::TryGetError>>()
-        .map_err(DbErr::from)
+    update
 }
 
 /// An insert into `usage_history` (key, window start and end, tokens) that, on a second row for

@@ -1,0 +1,159 @@
+//! `AckSequencer`: settles one channel's usage deliveries with the broker in delivery-tag order.
+//!
+//! RabbitMQ 3.x keeps a channel's unacknowledged deliveries in a queue and finds an acknowledged
+//! tag by walking it from the oldest, so an ack far from the head costs time in proportion to the
+//! distance. Batches commit out of delivery order (cold keys load first, writers run in parallel,
+//! actor mailboxes reorder), and with thousands of deliveries in flight per channel those walks
+//! made the broker the bottleneck of ingestion (BENCHMARKS.md). Here every usage delivery is
+//! registered as it arrives and its ack or nack goes out only once every earlier one is settled,
+//! so each frame names the head of the broker's queue. Checks are acknowledged directly: they
+//! never wait behind usage that is waiting for the database.
+
+use std::collections::BTreeMap;
+
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::Acker;
+use tokio::sync::{mpsc, oneshot};
+
+/// What to tell the broker about a usage delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Done with it: committed, deliberately ignored or dead-lettered.
+    Ack,
+    /// Hand it back to the queue (its dead letter could not be stored).
+    Requeue,
+    /// Say nothing: the delivery stays unacknowledged and comes again when the channel closes.
+    Abandon,
+}
+
+enum Command {
+    Register(u64, Acker),
+    Settle(u64, Settlement),
+    /// Answered once everything settled before it that could go out has been sent.
+    Sent(oneshot::Sender<()>),
+}
+
+/// Cheap to clone; every clone feeds the same channel's sequencer task.
+#[derive(Clone)]
+pub struct AckSequencer {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// A registered usage delivery; settle it exactly once. Dropping it unsettled abandons it, so a
+/// lost delivery never holds back the acknowledgements of the ones after it.
+pub struct PendingAck {
+    sequencer: AckSequencer,
+    tag: u64,
+    settled: bool,
+}
+
+impl PendingAck {
+    pub fn settle(mut self, settlement: Settlement) {
+        self.settled = true;
+        self.sequencer.send(Command::Settle(self.tag, settlement));
+    }
+}
+
+impl Drop for PendingAck {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.sequencer
+                .send(Command::Settle(self.tag, Settlement::Abandon));
+        }
+    }
+}
+
+impl AckSequencer {
+    /// Starts the sequencer task of one channel; it ends when every handle is gone.
+    pub fn start() -> AckSequencer {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(run(receiver));
+        AckSequencer { commands }
+    }
+
+    /// Registers a delivery; must be called in the order the channel delivered them.
+    pub fn register(&self, delivery_tag: u64, acker: Acker) -> PendingAck {
+        self.send(Command::Register(delivery_tag, acker));
+        PendingAck {
+            sequencer: self.clone(),
+            tag: delivery_tag,
+            settled: false,
+        }
+    }
+
+    /// Waits until every settlement made so far that is not held back by an earlier unsettled
+    /// delivery has been sent.
+    pub async fn sent(&self) {
+        let (done, sent) = oneshot::channel();
+        self.send(Command::Sent(done));
+        let _ = sent.await;
+    }
+
+    fn send(&self, command: Command) {
+        // The task lives as long as any handle; if it is gone the channel is closing anyway and
+        // its unacknowledged deliveries come again.
+        let _ = self.commands.send(command);
+    }
+}
+
+async fn run(mut commands: mpsc::UnboundedReceiver<Command>) {
+    let mut outstanding: BTreeMap<u64, (Acker, Option<Settlement>)> = BTreeMap::new();
+    let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = commands.recv().await {
+        // Take everything queued, then send once: one pass per burst, not per settlement.
+        let mut next = Some(first);
+        while let Some(command) = next {
+            match command {
+                Command::Register(tag, acker) => {
+                    outstanding.insert(tag, (acker, None));
+                }
+                Command::Settle(tag, settlement) => {
+                    if let Some((_, slot)) = outstanding.get_mut(&tag) {
+                        *slot = Some(settlement);
+                    }
+                }
+                Command::Sent(done) => waiting.push(done),
+            }
+            next = commands.try_recv().ok();
+        }
+        let mut ready = Vec::new();
+        while let Some(entry) = outstanding.first_entry() {
+            match entry.get().1 {
+                Some(settlement) => {
+                    let (acker, _) = entry.remove();
+                    ready.push((acker, settlement));
+                }
+                None => break,
+            }
+        }
+        send_in_order(ready).await;
+        for done in waiting.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Sends the frames in the given order: each future hands its frame to lapin on first poll,
+/// and `join_all` polls them first to last.
+async fn send_in_order(ready: Vec<(Acker, Settlement)>) {
+    let frames = ready.iter().map(|(acker, settlement)| async move {
+        let result = match settlement {
+            Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
+            Settlement::Requeue => {
+                acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Settlement::Abandon => Ok(true),
+        };
+        if let Err(error) = result {
+            // The channel is gone: the broker hands the delivery out again, and a committed
+            // event comes back as a duplicate.
+            tracing::debug!(%error, ?settlement, "settling a usage delivery failed");
+        }
+    });
+    futures::future::join_all(frames).await;
+}

@@ -342,6 +342,19 @@ mod tests {
     }
 
     #[test]
+    fn writers_leave_a_connection_for_key_loads() {
+        let mut settings = Settings::default();
+        settings.database.max_connections = 4;
+        settings.ingest.writers = 4;
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("ingest.writers"), "{error}");
+        settings.ingest.writers = 3;
+        assert!(settings.validate().is_ok());
+        settings.ingest.writers = 0;
+        assert!(settings.validate().is_err());
+    }
+
+    #[test]
     fn batch_size_stays_within_the_bound_parameter_limits() {
         let mut settings = Settings::default();
         settings.ingest.batch_size = MAX_BATCH_SIZE + 1;

@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod acks;
 mod admin;
 mod checks;
 mod helpers;

@@ -175,3 +175,28 @@ pub fn queued_messages(vhost: &str) -> u64 {
         .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum()
 }
+
+/// (ready, unacknowledged) messages of `queue` in `vhost`, asked of the queue itself.
+pub fn queue_depths(vhost: &str, queue: &str) -> (u64, u64) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "-p",
+            vhost,
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == queue).then_some(())?;
+            Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+        })
+        .unwrap_or_else(|| panic!("queue {queue} not listed in {vhost}"))
+}

@@ -1,0 +1,132 @@
+//! The ack sequencer against the real broker: a channel's usage deliveries are settled in delivery order.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use quota_keeper::amqp::acks::{AckSequencer, Settlement};
+
+use crate::common::broker::BrokerClient;
+use crate::common::{eventually, queue_depths, TestVhost};
+
+const QUEUE: &str = "acks.test";
+/// Long enough for a wrongly sent ack to reach the broker and show in its counts.
+const SETTLE_TIME: Duration = Duration::from_millis(300);
+
+/// A consuming channel and the three deliveries it received; the channel must stay open (a
+/// dropped channel closes and hands its unacknowledged deliveries back).
+struct Received {
+    connection: Connection,
+    _channel: Channel,
+    _consumer: Consumer,
+    deliveries: Vec<Delivery>,
+}
+
+async fn three_deliveries(vhost: &TestVhost) -> Received {
+    let connection = Connection::connect(&vhost.url(), ConnectionProperties::default())
+        .await
+        .expect("the test vhost accepts guest");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            QUEUE.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    let publisher = BrokerClient::connect(&vhost.url()).await;
+    for body in ["one", "two", "three"] {
+        publisher.publish("", QUEUE, body.as_bytes()).await;
+    }
+    channel
+        .basic_qos(10, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            QUEUE.into(),
+            "acks-test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = Vec::new();
+    for _ in 0..3 {
+        deliveries.push(consumer.next().await.expect("open").expect("delivery"));
+    }
+    Received {
+        connection,
+        _channel: channel,
+        _consumer: consumer,
+        deliveries,
+    }
+}
+
+async fn unacked_becomes(vhost: &TestVhost, expected: u64) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{expected} unacknowledged"),
+        || async { (queue_depths(&vhost.name, QUEUE).1 == expected).then_some(()) },
+    )
+    .await;
+}
+
+#[actix_web::test]
+async fn settlements_go_out_in_delivery_order_and_abandoned_ones_do_not_block() {
+    let vhost = TestVhost::create();
+    let received = three_deliveries(&vhost).await;
+    let sequencer = AckSequencer::start();
+    let mut pending: Vec<_> = received
+        .deliveries
+        .iter()
+        .map(|delivery| sequencer.register(delivery.delivery_tag, delivery.acker.clone()))
+        .collect();
+    let third = pending.pop().expect("three");
+    let second = pending.pop().expect("three");
+    let first = pending.pop().expect("three");
+
+    // The third is settled first: it waits for the two before it.
+    third.settle(Settlement::Ack);
+    sequencer.sent().await;
+    tokio::time::sleep(SETTLE_TIME).await;
+    assert_eq!(queue_depths(&vhost.name, QUEUE), (0, 3));
+
+    first.settle(Settlement::Ack);
+    unacked_becomes(&vhost, 2).await;
+
+    // The second is dropped unsettled: the third goes out, the second stays with the broker.
+    drop(second);
+    unacked_becomes(&vhost, 1).await;
+    let _ = received.connection.close(200, "done".into()).await;
+    eventually(
+        Duration::from_secs(10),
+        "the abandoned one requeued",
+        || async { (queue_depths(&vhost.name, QUEUE) == (1, 0)).then_some(()) },
+    )
+    .await;
+}
+
+#[actix_web::test]
+async fn a_requeued_delivery_comes_back() {
+    let vhost = TestVhost::create();
+    let received = three_deliveries(&vhost).await;
+    let sequencer = AckSequencer::start();
+    let mut pending: Vec<_> = received
+        .deliveries
+        .iter()
+        .map(|delivery| sequencer.register(delivery.delivery_tag, delivery.acker.clone()))
+        .collect();
+    pending.remove(0).settle(Settlement::Requeue);
+    for rest in pending {
+        rest.settle(Settlement::Ack);
+    }
+    sequencer.sent().await;
+    // The requeued one is delivered again to the same consumer (prefetch allows it): one unacked.
+    unacked_becomes(&vhost, 1).await;
+    assert_eq!(queue_depths(&vhost.name, QUEUE).0, 0);
+}

@@ -294,8 +294,10 @@ impl Settings {
                 format!("must be between 1 and {MAX_WRITERS}"),
             ));
         }
-        // Each writer holds a connection while it commits; key loads and admin requests need one too.
-        if self.ingest.writers >= self.database.max_connections as usize {
+        // Each writer holds a connection while it commits; key loads and admin requests need one
+        // too. (SQLite always runs one writer.)
+        let postgres = self.database.url.starts_with("postgres");
+        if postgres && self.ingest.writers >= self.database.max_connections as usize {
             return Err(invalid(
                 "ingest.writers",
                 "must be less than database.max_connections",
@@ -344,6 +346,9 @@ mod tests {
     #[test]
     fn writers_leave_a_connection_for_key_loads() {
         let mut settings = Settings::default();
+        settings.database.max_connections = 2;
+        assert!(settings.validate().is_ok(), "SQLite runs one writer");
+        settings.database.url = "postgres://postgres@127.0.0.1/quota".into();
         settings.database.max_connections = 4;
         settings.ingest.writers = 4;
         let error = settings.validate().unwrap_err().to_string();

@@ -4,25 +4,28 @@
 //! tag by walking it from the oldest, so an ack far from the head costs time in proportion to the
 //! distance. Batches commit out of delivery order (cold keys load first, writers run in parallel,
 //! actor mailboxes reorder), and with thousands of deliveries in flight per channel those walks
-//! made the broker the bottleneck of ingestion (BENCHMARKS.md). Here every usage delivery is
-//! registered as it arrives and its ack or nack goes out only once every earlier one is settled,
-//! so each frame names the head of the broker's queue. Checks are acknowledged directly: they
-//! never wait behind usage that is waiting for the database.
+//! made the broker the bottleneck of ingestion (BENCHMARKS.md). Here every counted usage event is
+//! registered as it arrives and its ack goes out only once every earlier one is settled, so usage
+//! acks name the head of the broker's queue (or sit just behind checks still being answered).
+//! Checks, refused and empty events are acknowledged directly: they are never held back behind
+//! usage waiting for the database, though they still share the channel's prefetch window with it.
+//!
+//! lapin hands each ack to its runtime as a task of its own; on the service's current-thread
+//! runtime those run in the order spawned, which is the order `send_in_order` gives them.
 
 use std::collections::BTreeMap;
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use lapin::Acker;
 use tokio::sync::{mpsc, oneshot};
 
 /// What to tell the broker about a usage delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Settlement {
-    /// Done with it: committed, deliberately ignored or dead-lettered.
+    /// Committed: the broker may forget it.
     Ack,
-    /// Hand it back to the queue (its dead letter could not be stored).
-    Requeue,
-    /// Say nothing: the delivery stays unacknowledged and comes again when the channel closes.
+    /// Say nothing: the delivery stays unacknowledged (holding a prefetch slot) and comes again
+    /// when the channel closes.
     Abandon,
 }
 
@@ -105,7 +108,9 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>) {
         while let Some(command) = next {
             match command {
                 Command::Register(tag, acker) => {
-                    outstanding.insert(tag, (acker, None));
+                    // Tags only repeat on a new channel, which gets a new sequencer.
+                    let previous = outstanding.insert(tag, (acker, None));
+                    debug_assert!(previous.is_none(), "delivery tag {tag} registered twice");
                 }
                 Command::Settle(tag, settlement) => {
                     if let Some((_, slot)) = outstanding.get_mut(&tag) {
@@ -139,14 +144,6 @@ async fn send_in_order(ready: Vec<(Acker, Settlement)>) {
     let frames = ready.iter().map(|(acker, settlement)| async move {
         let result = match settlement {
             Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
-            Settlement::Requeue => {
-                acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-            }
             Settlement::Abandon => Ok(true),
         };
         if let Err(error) = result {

@@ -4,17 +4,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 
-use super::acks::{AckSequencer, PendingAck, Settlement};
+use super::acks::{AckSequencer, PendingAck};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
 use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
 use crate::clock::SharedClock;
 use crate::domain::check::{decode_check_request, CheckReply};
-use crate::domain::usage::{decode_usage_event, Rejection};
+use crate::domain::usage::{decode_usage_event, Rejection, UsageEvent};
 use crate::ingest::{BatchWriterHandle, ConsumedEvent};
 use crate::metrics as names;
 
@@ -34,8 +34,10 @@ pub struct DeliveryContext {
     pub clock: SharedClock,
 }
 
-/// Routes a delivery by the exchange the client published to. Called in delivery order: a usage
-/// delivery is registered with its channel's `acks` sequencer before the returned future runs.
+/// Routes a delivery by the exchange the client published to. Called in delivery order: a valid
+/// usage event with tokens is registered with its channel's `acks` sequencer before the returned
+/// future runs. Everything else (checks, refused or empty events) is settled directly, so a
+/// message whose dead letter cannot be stored never holds back the acks behind it.
 pub fn handle_delivery(
     delivery: Delivery,
     context: Arc<DeliveryContext>,
@@ -47,12 +49,22 @@ pub fn handle_delivery(
         // Published straight to a shard queue: a request names where to reply, an event does not.
         _ => delivery.properties.reply_to().is_some(),
     };
-    let usage_ack =
-        (!is_check).then(|| acks.register(delivery.delivery_tag, delivery.acker.clone()));
+    let usage = (!is_check).then(|| decode_usage_event(&delivery.data, context.clock.now()));
+    let counted = match &usage {
+        Some(Ok(event)) if event.tokens != 0 => {
+            Some(acks.register(delivery.delivery_tag, delivery.acker.clone()))
+        }
+        _ => None,
+    };
     async move {
-        match usage_ack {
-            None => answer_check(delivery, &context).await,
-            Some(ack) => take_usage(delivery, ack, &context).await,
+        match (usage, counted) {
+            (None, _) => answer_check(delivery, &context).await,
+            (Some(Ok(event)), Some(ack)) => take_usage(event, ack, &context).await,
+            (Some(Ok(_)), None) => {
+                metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
+                ack(&delivery).await;
+            }
+            (Some(Err(rejection)), _) => dead_letter(delivery, rejection, &context).await,
         }
     }
 }
@@ -107,17 +119,8 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
     ack(&delivery).await;
 }
 
-/// Validates a usage event, counts it in its key's memory and hands it to the batch writer.
-async fn take_usage(delivery: Delivery, ack: PendingAck, context: &DeliveryContext) {
-    let event = match decode_usage_event(&delivery.data, context.clock.now()) {
-        Ok(event) => event,
-        Err(rejection) => return dead_letter(delivery, ack, rejection, context).await,
-    };
-    if event.tokens == 0 {
-        metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
-        ack.settle(Settlement::Ack);
-        return;
-    }
+/// Counts a valid usage event in its key's memory and hands it to the batch writer.
+async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContext) {
     let ticket = match context
         .registry
         .record_usage(event.api_key_id, event.tokens, event.occurred_at)
@@ -132,12 +135,7 @@ async fn take_usage(delivery: Delivery, ack: PendingAck, context: &DeliveryConte
 }
 
 /// Stores the message in `quota.usage.dead` with the reason, then acknowledges the original.
-async fn dead_letter(
-    delivery: Delivery,
-    ack: PendingAck,
-    rejection: Rejection,
-    context: &DeliveryContext,
-) {
+async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &DeliveryContext) {
     tracing::info!(reason = %rejection, "usage message dead-lettered");
     metrics::counter!(names::USAGE_DEAD_LETTERED_TOTAL).increment(1);
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -182,11 +180,17 @@ async fn dead_letter(
     }
     .await;
     match stored {
-        Ok(lapin::Confirmation::Ack(None)) => ack.settle(Settlement::Ack),
+        Ok(lapin::Confirmation::Ack(None)) => ack(&delivery).await,
         outcome => {
             tracing::warn!(?outcome, "dead letter not stored; handing the message back");
             tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;
-            ack.settle(Settlement::Requeue);
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
         }
     }
 }

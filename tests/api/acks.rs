@@ -110,23 +110,3 @@ async fn settlements_go_out_in_delivery_order_and_abandoned_ones_do_not_block() 
     )
     .await;
 }
-
-#[actix_web::test]
-async fn a_requeued_delivery_comes_back() {
-    let vhost = TestVhost::create();
-    let received = three_deliveries(&vhost).await;
-    let sequencer = AckSequencer::start();
-    let mut pending: Vec<_> = received
-        .deliveries
-        .iter()
-        .map(|delivery| sequencer.register(delivery.delivery_tag, delivery.acker.clone()))
-        .collect();
-    pending.remove(0).settle(Settlement::Requeue);
-    for rest in pending {
-        rest.settle(Settlement::Ack);
-    }
-    sequencer.sent().await;
-    // The requeued one is delivered again to the same consumer (prefetch allows it): one unacked.
-    unacked_becomes(&vhost, 1).await;
-    assert_eq!(queue_depths(&vhost.name, QUEUE).0, 0);
-}

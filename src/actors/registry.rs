@@ -139,12 +139,6 @@ impl KeyRegistry {
         KeyRegistry { shared }
     }
 
-    /// The thread that runs the actor of key `id`: work for that key spawned there reaches the
-    /// actor without waking another thread.
-    pub fn home_of(&self, id: i64) -> ArbiterHandle {
-        self.shared.arbiter(id).clone()
-    }
-
     /// The running actor of `id`, started (on the arbiter the id maps to) if there is none.
     fn actor_for(&self, id: i64) -> Addr<KeyActor> {
         let now = self.shared.now_secs();

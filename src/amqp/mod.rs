@@ -158,21 +158,12 @@ impl AmqpService {
                 }
                 next = deliveries.next() => match next {
                     Some((shard, Ok(delivery))) => {
-                        // The routing key is the key id (see the topology): handle the delivery on the
-                        // thread of that key's actor, saving two thread wake-ups per check.
-                        let home = delivery.routing_key.as_str().parse::<i64>().ok().map(|id| self.registry.home_of(id));
-                        let handled = in_flight.track_future(consumer::handle_delivery(delivery, Arc::clone(&context), &sequencers[shard]));
-                        match home {
-                            Some(arbiter) => {
-                                if !arbiter.spawn(handled) {
-                                    // Only while stopping: the delivery stays unacknowledged and comes again.
-                                    tracing::debug!("key actor thread gone; delivery left to the broker");
-                                }
-                            }
-                            None => {
-                                tokio::spawn(handled);
-                            }
-                        }
+                        let handled = consumer::handle_delivery(
+                            delivery,
+                            Arc::clone(&context),
+                            &sequencers[shard],
+                        );
+                        in_flight.spawn(handled);
                     }
                     Some((_, Err(error))) => return Err(error.into()),
                     None => return Err(SessionError::ConsumersEnded),

@@ -155,8 +155,8 @@ where
     }
 }
 
-/// Messages ready or unacknowledged in the shard queues of `vhost`, per `rabbitmqctl`.
-pub fn queued_messages(vhost: &str) -> u64 {
+/// One row per queue of `vhost`: its name, then the requested `columns`, as `rabbitmqctl` lists them.
+fn list_queues(vhost: &str, columns: &[&str]) -> Vec<Vec<String>> {
     let output = std::process::Command::new("rabbitmqctl")
         .args([
             "-q",
@@ -165,38 +165,33 @@ pub fn queued_messages(vhost: &str) -> u64 {
             vhost,
             "--no-table-headers",
             "name",
-            "messages",
         ])
+        .args(columns)
         .output()
         .expect("rabbitmqctl runs");
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .filter(|line| line.starts_with("quota.shard."))
-        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|line| line.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+/// Messages ready or unacknowledged in the shard queues of `vhost`, per `rabbitmqctl`.
+pub fn queued_messages(vhost: &str) -> u64 {
+    list_queues(vhost, &["messages"])
+        .iter()
+        .filter(|row| {
+            row.first()
+                .is_some_and(|name| name.starts_with("quota.shard."))
+        })
+        .filter_map(|row| row.get(1)?.parse::<u64>().ok())
         .sum()
 }
 
 /// (ready, unacknowledged) messages of `queue` in `vhost`, asked of the queue itself.
 pub fn queue_depths(vhost: &str, queue: &str) -> (u64, u64) {
-    let output = std::process::Command::new("rabbitmqctl")
-        .args([
-            "-q",
-            "list_queues",
-            "-p",
-            vhost,
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            (fields.next()? == queue).then_some(())?;
-            Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
-        })
+    list_queues(vhost, &["messages_ready", "messages_unacknowledged"])
+        .iter()
+        .find(|row| row.first().is_some_and(|name| name == queue))
+        .and_then(|row| Some((row.get(1)?.parse().ok()?, row.get(2)?.parse().ok()?)))
         .unwrap_or_else(|| panic!("queue {queue} not listed in {vhost}"))
 }

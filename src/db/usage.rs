@@ -209,7 +209,8 @@ async fn insert_new_event_ids(
         return Ok(HashSet::new());
     }
     let rows = if txn.get_database_backend() == DbBackend::Postgres {
-        // Three array parameters instead of three per event: a third of the time on PostgreSQL.
+        // Three array parameters instead of three per event: one statement text, so one cached
+        // plan, whatever the batch size.
         // In id order, so two writers meeting the same ids (reused across keys) wait, not deadlock.
         let mut in_id_order = events.to_vec();
         in_id_order.sort_unstable_by(|a, b| a.event_id.cmp(&b.event_id));
@@ -269,7 +270,7 @@ async fn add_to_counters(
 ) -> Result<Vec<CommittedCounter>, DbErr> {
     let rows = if txn.get_database_backend() == DbBackend::Postgres {
         // A join against two array parameters: linear, where the portable `CASE` compares every
-        // row with every key (half the time for 1,000 keys).
+        // row with every key (half the time for 1,000 keys, measured alone).
         let (keys, deltas): (Vec<i64>, Vec<i64>) = increments.iter().copied().unzip();
         txn.query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,

@@ -224,10 +224,17 @@ impl KeyActor {
         matches!(&self.state, KeyState::Resident(resident) if resident.pending != 0)
     }
 
-    fn unavailable(&self) -> Option<KeyError> {
-        match &self.state {
-            KeyState::LoadFailed(reason) => Some(KeyError::Unavailable(reason.clone())),
-            _ => None,
+    /// The resident state as of now, a lapsed window rolled over first; `None` for an unknown
+    /// key, `Err` if the key could not be loaded.
+    fn resident_now(&mut self) -> Result<Option<&mut Resident>, KeyError> {
+        let now = self.shared.clock.now();
+        match &mut self.state {
+            KeyState::LoadFailed(reason) => Err(KeyError::Unavailable(reason.clone())),
+            KeyState::Resident(resident) => {
+                resident.roll_over_if_lapsed(now);
+                Ok(Some(resident))
+            }
+            _ => Ok(None),
         }
     }
 }
@@ -269,24 +276,12 @@ impl Handler<CheckQuota> for KeyActor {
     type Result = Result<CheckReply, KeyError>;
 
     fn handle(&mut self, msg: CheckQuota, _: &mut Self::Context) -> Self::Result {
-        if let Some(error) = self.unavailable() {
-            return Err(error);
-        }
-        let now = self.shared.clock.now();
-        match &mut self.state {
-            KeyState::Resident(resident) => {
-                resident.roll_over_if_lapsed(now);
-                Ok(CheckReply::for_known_key(
-                    self.id,
-                    &resident.view(),
-                    msg.estimate,
-                ))
-            }
-            _ => Ok(CheckReply::for_unknown_key(
-                self.id,
-                self.shared.unknown_key == UnknownKeyPolicy::Allow,
-            )),
-        }
+        let id = self.id;
+        let allow_unknown = self.shared.unknown_key == UnknownKeyPolicy::Allow;
+        Ok(match self.resident_now()? {
+            Some(resident) => CheckReply::for_known_key(id, &resident.view(), msg.estimate),
+            None => CheckReply::for_unknown_key(id, allow_unknown),
+        })
     }
 }
 
@@ -353,14 +348,10 @@ impl Handler<RecordUsage> for KeyActor {
     type Result = Result<UsageRecorded, KeyError>;
 
     fn handle(&mut self, msg: RecordUsage, _: &mut Self::Context) -> Self::Result {
-        if let Some(error) = self.unavailable() {
-            return Err(error);
-        }
-        let now = self.shared.clock.now();
-        let KeyState::Resident(resident) = &mut self.state else {
+        let generation = self.generation;
+        let Some(resident) = self.resident_now()? else {
             return Ok(UsageRecorded::UnknownKey);
         };
-        resident.roll_over_if_lapsed(now);
         // Late events (window already closed) never touch the current counter.
         let in_current_window = crate::domain::window::next_window_start(msg.occurred_at)
             .timestamp()
@@ -370,7 +361,7 @@ impl Handler<RecordUsage> for KeyActor {
         }
         resident.pending += msg.tokens;
         Ok(UsageRecorded::Pending(PendingTicket {
-            generation: self.generation,
+            generation,
             window_end: instant_of(resident.reset_at),
             tokens: msg.tokens,
         }))
@@ -427,17 +418,7 @@ impl Handler<DescribeKey> for KeyActor {
     type Result = Result<Option<QuotaState>, KeyError>;
 
     fn handle(&mut self, _: DescribeKey, _: &mut Self::Context) -> Self::Result {
-        if let Some(error) = self.unavailable() {
-            return Err(error);
-        }
-        let now = self.shared.clock.now();
-        match &mut self.state {
-            KeyState::Resident(resident) => {
-                resident.roll_over_if_lapsed(now);
-                Ok(Some(resident.view()))
-            }
-            _ => Ok(None),
-        }
+        Ok(self.resident_now()?.map(|resident| resident.view()))
     }
 }
 

@@ -22,12 +22,9 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use quota_keeper::clock::SystemClock;
-use quota_keeper::settings::Settings;
 use quota_keeper::startup::Application;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
-use support::insert_keys;
-
-use crate::common::{Backend, TestDatabase, TestVhost};
+use support::{bench_environment, insert_keys};
 
 /// Events per run of the service and of the bare drain.
 const EVENTS: usize = 100_000;
@@ -227,13 +224,7 @@ async fn total_used(db: &DatabaseConnection) -> i64 {
 
 /// The service: events already queued when it starts; timed until all are committed.
 async fn service_run(keys: usize) -> (f64, f64, f64) {
-    let database = TestDatabase::create(Backend::Postgres).await;
-    let vhost = TestVhost::create();
-    let mut settings = Settings::default();
-    settings.database.url = database.url.clone();
-    settings.amqp.url = vhost.url();
-    settings.http.bind = "127.0.0.1:0".into();
-    settings.log.level = "warn".into();
+    let (_database, vhost, settings) = bench_environment().await;
     let db = quota_keeper::db::connect_and_migrate(&settings.database)
         .await
         .expect("migrate");

@@ -17,12 +17,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use quota_keeper::actors::scheduler::RollOverLapsedKeys;
 use quota_keeper::clock::ManualClock;
-use quota_keeper::settings::Settings;
 use quota_keeper::startup::Application;
 use sea_orm::ConnectionTrait;
-use support::{rpc_load, RpcStats};
-
-use crate::common::{Backend, TestDatabase, TestVhost};
+use support::{bench_environment, rpc_load, RpcStats};
 
 const KEYS: i64 = 1_000_000;
 /// Keys the check load cycles through (resident).
@@ -81,13 +78,7 @@ fn summarize(label: &str, chunks: &[RpcStats]) {
 }
 
 async fn run() {
-    let database = TestDatabase::create(Backend::Postgres).await;
-    let vhost = TestVhost::create();
-    let mut settings = Settings::default();
-    settings.database.url = database.url.clone();
-    settings.amqp.url = vhost.url();
-    settings.http.bind = "127.0.0.1:0".into();
-    settings.log.level = "warn".into();
+    let (_database, vhost, mut settings) = bench_environment().await;
     settings.scheduler.interval_ms = 3_600_000;
     let db = quota_keeper::db::connect_and_migrate(&settings.database)
         .await

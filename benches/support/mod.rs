@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use quota_keeper::clock::SystemClock;
 use quota_keeper::settings::Settings;
 use quota_keeper::startup::Application;
 
+use crate::common::broker::{consume_direct_replies, DIRECT_REPLY_TO};
 use crate::common::{Backend, TestDatabase, TestVhost};
 
 /// Latency and throughput of one load run.
@@ -51,18 +51,7 @@ pub async fn rpc_load(
         .await
         .expect("broker up");
     let channel = connection.create_channel().await.expect("channel");
-    let mut replies = channel
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("direct reply-to");
+    let mut replies = consume_direct_replies(&channel).await;
     let mut started: HashMap<String, Instant> = HashMap::with_capacity(in_flight * 2);
     let mut samples = Vec::with_capacity(total);
     let mut sent = 0;
@@ -78,7 +67,7 @@ pub async fn rpc_load(
                     BasicPublishOptions::default(),
                     &body,
                     BasicProperties::default()
-                        .with_reply_to("amq.rabbitmq.reply-to".into())
+                        .with_reply_to(DIRECT_REPLY_TO.into())
                         .with_correlation_id(i.to_string().as_str().into())
                         .with_priority(1),
                 )
@@ -139,15 +128,22 @@ pub struct BenchApp {
     pub scheduler: actix::Addr<quota_keeper::actors::scheduler::Scheduler>,
 }
 
-pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> BenchApp {
+/// A fresh PostgreSQL database and RabbitMQ vhost, and default settings for a quiet service on
+/// them (any free HTTP port, warnings only).
+pub async fn bench_environment() -> (TestDatabase, TestVhost, Settings) {
     let database = TestDatabase::create(Backend::Postgres).await;
     let vhost = TestVhost::create();
     let mut settings = Settings::default();
     settings.database.url = database.url.clone();
     settings.amqp.url = vhost.url();
     settings.http.bind = "127.0.0.1:0".into();
-    settings.admin.password = Some("bench".into());
     settings.log.level = "warn".into();
+    (database, vhost, settings)
+}
+
+pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> BenchApp {
+    let (database, vhost, mut settings) = bench_environment().await;
+    settings.admin.password = Some("bench".into());
     customize(&mut settings);
     let app = Application::build(settings, Arc::new(SystemClock))
         .await

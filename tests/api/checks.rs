@@ -4,7 +4,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::common::broker::BrokerClient;
-use crate::helpers::spawn_app_with_broker;
+use crate::helpers::{json_body, spawn_app_with_broker};
 use quota_keeper::settings::UnknownKeyPolicy;
 
 #[actix_web::test]
@@ -219,15 +219,7 @@ async fn the_http_check_answers_like_amqp() {
 #[actix_web::test]
 async fn readyz_includes_the_broker() {
     let app = spawn_app_with_broker(|_| {}).await;
-    let body: Value = app
-        .client
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json_body(app.client.get(app.url("/readyz"))).await;
     assert_eq!(body["broker"], "ok");
     assert_eq!(body["status"], "ready");
 }

@@ -65,6 +65,17 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings
 }
 
+/// Sends `request` and returns its JSON body, whatever the status.
+pub async fn json_body(request: reqwest::RequestBuilder) -> Value {
+    request
+        .send()
+        .await
+        .expect("the app answers")
+        .json()
+        .await
+        .expect("the body is JSON")
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_on(Backend::Postgres, |_| {}).await
 }
@@ -161,13 +172,7 @@ impl TestApp {
 
     /// An admin GET of `path`, its JSON body.
     pub async fn admin_get_json(&self, path: &str) -> Value {
-        self.admin(reqwest::Method::GET, path)
-            .send()
-            .await
-            .expect("the app answers")
-            .json()
-            .await
-            .expect("the body is JSON")
+        json_body(self.admin(reqwest::Method::GET, path)).await
     }
 
     /// The `/metrics` page.

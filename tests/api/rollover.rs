@@ -9,7 +9,9 @@ use sea_orm::{ActiveModelTrait, EntityTrait, QueryOrder, Set};
 use serde_json::{json, Value};
 
 use crate::common::broker::BrokerClient;
-use crate::helpers::{at, eventually, spawn_app_on, spawn_app_with_broker, Backend, TestApp};
+use crate::helpers::{
+    at, eventually, json_body, spawn_app_on, spawn_app_with_broker, Backend, TestApp,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -29,6 +31,15 @@ async fn history_of(app: &TestApp, id: i64) -> Vec<(String, String, i64)> {
             )
         })
         .collect()
+}
+
+/// An app whose scheduler ticks once at start and then not for an hour, so only what the test
+/// does rolls keys over.
+async fn spawn_app_without_scheduler_ticks(backend: Backend) -> TestApp {
+    spawn_app_on(backend, |settings| {
+        settings.scheduler.interval_ms = 3_600_000
+    })
+    .await
 }
 
 #[actix_web::test]
@@ -64,10 +75,7 @@ async fn the_scheduler_alone_rolls_an_idle_key_into_january() {
 
 #[actix_web::test]
 async fn a_check_rolls_a_lapsed_window_over_before_answering() {
-    let app = spawn_app_on(Backend::Postgres, |settings| {
-        settings.scheduler.interval_ms = 3_600_000
-    })
-    .await;
+    let app = spawn_app_without_scheduler_ticks(Backend::Postgres).await;
     app.create_key("alice", json!({"id": 2, "token_quota_monthly": 100}))
         .await;
     app.set_usage(2, 100).await;
@@ -90,10 +98,7 @@ async fn a_check_rolls_a_lapsed_window_over_before_answering() {
 
 #[actix_web::test]
 async fn months_without_the_service_are_skipped_not_replayed() {
-    let app = spawn_app_on(Backend::Sqlite, |settings| {
-        settings.scheduler.interval_ms = 3_600_000
-    })
-    .await;
+    let app = spawn_app_without_scheduler_ticks(Backend::Sqlite).await;
     app.create_key("alice", json!({"id": 3})).await;
     app.set_usage(3, 30).await;
     app.clock.set(at("2027-03-10T12:00:00Z"));
@@ -182,10 +187,7 @@ async fn a_late_event_across_the_year_boundary_lands_in_december() {
 
 #[actix_web::test]
 async fn usage_lists_history_newest_first() {
-    let app = spawn_app_on(Backend::Postgres, |settings| {
-        settings.scheduler.interval_ms = 3_600_000
-    })
-    .await;
+    let app = spawn_app_without_scheduler_ticks(Backend::Postgres).await;
     app.create_key("alice", json!({"id": 5})).await;
     for (month, tokens) in [("2026-09", 9), ("2026-10", 10)] {
         let start = at(&format!("{month}-01T00:00:00Z"));
@@ -267,23 +269,16 @@ async fn processed_event_ids_are_pruned_after_the_retention_period() {
 
 #[actix_web::test]
 async fn a_patch_of_a_lapsed_key_archives_the_closed_month_first() {
-    let app = spawn_app_on(Backend::Postgres, |settings| {
-        settings.scheduler.interval_ms = 3_600_000
-    })
-    .await;
+    let app = spawn_app_without_scheduler_ticks(Backend::Postgres).await;
     app.create_key("alice", json!({"id": 7, "token_quota_monthly": 1000}))
         .await;
     app.set_usage(7, 900).await;
     app.clock.set(at("2026-12-01T00:00:10Z"));
-    let key: Value = app
-        .admin(Method::PATCH, "/users/alice/apikeys/7")
-        .json(&json!({"reset_usage": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let key = json_body(
+        app.admin(Method::PATCH, "/users/alice/apikeys/7")
+            .json(&json!({"reset_usage": true})),
+    )
+    .await;
     assert_eq!(key["tokens_used_this_month"], 0);
     assert_eq!(key["quota_reset_at"], "2027-01-01T00:00:00Z");
     assert_eq!(
@@ -295,14 +290,7 @@ async fn a_patch_of_a_lapsed_key_archives_the_closed_month_first() {
         )],
         "November is kept, not forgiven"
     );
-    let check: Value = app
-        .admin(Method::POST, "/keys/7/check")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let check = json_body(app.admin(Method::POST, "/keys/7/check")).await;
     assert_eq!(check["tokens_used_this_month"], 0);
     assert_eq!(check["quota_reset_at"], "2027-01-01T00:00:00Z");
 }

@@ -10,7 +10,24 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::Value;
 
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Consumes RabbitMQ's direct reply-to pseudo-queue: without acks, on the channel that will
+/// publish the requests (replies only reach that channel).
+pub async fn consume_direct_replies(channel: &Channel) -> Consumer {
+    channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("direct reply-to can be consumed")
+}
 
 pub struct BrokerClient {
     _connection: Connection,
@@ -30,19 +47,7 @@ impl BrokerClient {
             .await
             .unwrap();
         let rpc = connection.create_channel().await.unwrap();
-        // Direct reply-to: consume the pseudo-queue without acks on the channel that publishes requests.
-        let replies = rpc
-            .basic_consume(
-                DIRECT_REPLY_TO.into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let replies = consume_direct_replies(&rpc).await;
         BrokerClient {
             _connection: connection,
             publisher,

@@ -1,6 +1,7 @@
 //! Prometheus recorder, installed once per process, and the names of the service's metrics.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -20,6 +21,9 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
     1.0,
 ];
 
+/// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process-wide recorder; several applications in one test process share it.
@@ -33,6 +37,18 @@ pub fn prometheus_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may exist only if a library installed one first; ours then stays unused.
             let _ = metrics::set_global_recorder(recorder);
+            // A built (not installed) recorder keeps every histogram sample until a scrape drains
+            // it: 8 bytes per check without one. This thread drains them for the whole process.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "no metrics upkeep thread: histograms drain only when scraped");
+            }
             handle
         })
         .clone()

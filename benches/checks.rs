@@ -32,6 +32,9 @@ const ROUTED_ECHO_QUEUE: &str = "bench.routed.000";
 /// In-process calls kept in flight at once.
 const IN_PROCESS_CONCURRENCY: usize = 256;
 const MEMORY_KEYS: i64 = 1_000_000;
+/// Rounds per number of requests in flight, and interleaved slices per round.
+const ROUNDS: usize = 3;
+const SLICES: usize = 5;
 const IN_PROCESS_CALLS: usize = 200_000;
 
 fn main() {
@@ -227,16 +230,29 @@ async fn run() {
         System::current().stop();
         return;
     }
-    let app = start_app(|_| {}).await;
+    // `-- round-trips`: only the RabbitMQ round trips (for comparing settings quickly).
+    let round_trips_only = std::env::args().any(|arg| arg == "round-trips");
+    // `QUOTA_BENCH_ARBITERS=N`: run the key actors on N arbiters instead of the default.
+    let arbiters = std::env::var("QUOTA_BENCH_ARBITERS")
+        .ok()
+        .and_then(|value| value.parse().ok());
+    let app = start_app(|settings| {
+        if let Some(arbiters) = arbiters {
+            settings.actors.arbiters = arbiters;
+        }
+    })
+    .await;
     insert_keys(&app.db, KEYS).await;
     if !memory_only {
-        round_trips(&app).await;
+        round_trips(&app, round_trips_only).await;
     }
-    memory_per_actor(&app).await;
+    if !round_trips_only {
+        memory_per_actor(&app).await;
+    }
     System::current().stop();
 }
 
-async fn round_trips(app: &support::BenchApp) {
+async fn round_trips(app: &support::BenchApp, round_trips_only: bool) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let _echo = in_thread(echo_server(app.amqp_url.clone(), ready_tx));
     tokio::task::spawn_blocking(move || ready_rx.recv().expect("echo server ready"))
@@ -248,13 +264,25 @@ async fn round_trips(app: &support::BenchApp) {
         // Warm up both (and make every key resident).
         rpc_load(&url, 5_000, 64, check_target).await;
         rpc_load(&url, 5_000, 64, echo_target).await;
+        // Machine load drifts over seconds (the echo alone moved 1.5x between rounds), so each
+        // round interleaves short slices of the three servers and pools each one's samples.
         let mut rows = Vec::new();
         for (in_flight, total) in [(1usize, 3_000usize), (64, 40_000)] {
-            for round in 0..3 {
-                let echo = rpc_load(&url, total, in_flight, echo_target).await;
-                let routed = rpc_load(&url, total, in_flight, routed_echo_target).await;
-                let service = rpc_load(&url, total, in_flight, check_target).await;
-                rows.push((in_flight, round, echo, routed, service));
+            for round in 0..ROUNDS {
+                let (mut echo, mut routed, mut service) = (Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..SLICES {
+                    let slice = total / SLICES;
+                    echo.push(rpc_load(&url, slice, in_flight, echo_target).await);
+                    routed.push(rpc_load(&url, slice, in_flight, routed_echo_target).await);
+                    service.push(rpc_load(&url, slice, in_flight, check_target).await);
+                }
+                rows.push((
+                    in_flight,
+                    round,
+                    RpcStats::pooled(&echo),
+                    RpcStats::pooled(&routed),
+                    RpcStats::pooled(&service),
+                ));
             }
         }
         rows
@@ -275,6 +303,9 @@ async fn round_trips(app: &support::BenchApp) {
         print_row(*in_flight, *round, echo, routed, service);
     }
 
+    if round_trips_only {
+        return;
+    }
     // In-process: the check's actor round trip against a bare actix ping across threads.
     let pong = Pong::start_in_arbiter(&Arbiter::new().handle(), |_| Pong);
     for i in 0..10_000 {

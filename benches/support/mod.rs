@@ -16,13 +16,16 @@ use quota_keeper::startup::Application;
 use crate::common::broker::{consume_direct_replies, DIRECT_REPLY_TO};
 use crate::common::{Backend, TestDatabase, TestVhost};
 
-/// Latency and throughput of one load run.
+/// Latency and throughput of one load run (or of several, pooled).
 #[derive(Clone, Debug)]
 pub struct RpcStats {
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
     pub per_second: f64,
+    /// Every round-trip time, sorted; kept so runs can be pooled.
+    samples: Vec<Duration>,
+    elapsed: Duration,
 }
 
 impl RpcStats {
@@ -36,7 +39,20 @@ impl RpcStats {
             p99_us: at(0.99),
             max_us: at(1.0),
             per_second: samples.len() as f64 / elapsed.as_secs_f64(),
+            samples,
+            elapsed,
         }
+    }
+
+    /// The runs taken as one: all their samples over their summed time.
+    pub fn pooled<'a>(runs: impl IntoIterator<Item = &'a RpcStats>) -> RpcStats {
+        let mut samples = Vec::new();
+        let mut elapsed = Duration::ZERO;
+        for run in runs {
+            samples.extend_from_slice(&run.samples);
+            elapsed += run.elapsed;
+        }
+        RpcStats::from_samples(samples, elapsed)
     }
 }
 

@@ -1,4 +1,8 @@
 //! `KeyRegistry`: finds the actor of a key or starts exactly one, spread over one arbiter per core.
+//!
+//! A registry handle can be *homed* on one arbiter: each broker connection runs on an arbiter and
+//! starts the actors of the keys its shards bring there too, so a check from the broker is answered
+//! without crossing threads (every message of a key comes through the same shard).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,8 +56,10 @@ impl RegistryShared {
         &self.stripes[id.rem_euclid(MAP_STRIPES as i64) as usize]
     }
 
-    fn arbiter(&self, id: i64) -> &ArbiterHandle {
-        &self.arbiters[id.rem_euclid(self.arbiters.len() as i64) as usize]
+    /// Where a new actor of `id` starts: on the caller's home arbiter if it has one, else by id.
+    fn arbiter(&self, id: i64, home: Option<usize>) -> &ArbiterHandle {
+        let index = home.unwrap_or(id.rem_euclid(self.arbiters.len() as i64) as usize);
+        &self.arbiters[index % self.arbiters.len()]
     }
 
     fn now_secs(&self) -> u32 {
@@ -94,6 +100,8 @@ impl RegistryShared {
 #[derive(Clone)]
 pub struct KeyRegistry {
     shared: Arc<RegistryShared>,
+    /// The arbiter this handle's caller runs on, where it starts the actors it needs.
+    home: Option<usize>,
 }
 
 impl KeyRegistry {
@@ -136,10 +144,32 @@ impl KeyRegistry {
                 shared.sweep_idle();
             }
         });
-        KeyRegistry { shared }
+        KeyRegistry { shared, home: None }
     }
 
-    /// The running actor of `id`, started (on the arbiter the id maps to) if there is none.
+    /// Number of arbiters running key actors.
+    pub fn arbiter_count(&self) -> usize {
+        self.shared.arbiters.len()
+    }
+
+    /// A handle for code running on arbiter `index` (modulo the count): actors it starts run there.
+    pub fn homed(&self, index: usize) -> KeyRegistry {
+        KeyRegistry {
+            shared: Arc::clone(&self.shared),
+            home: Some(index % self.shared.arbiters.len()),
+        }
+    }
+
+    /// Runs `future` on arbiter `index` (modulo the count); `false` if that arbiter has stopped.
+    pub fn spawn_on_arbiter(
+        &self,
+        index: usize,
+        future: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> bool {
+        self.shared.arbiters[index % self.shared.arbiters.len()].spawn(future)
+    }
+
+    /// The running actor of `id`, started (on the home arbiter, or the one the id maps to) if there is none.
     fn actor_for(&self, id: i64) -> Addr<KeyActor> {
         let now = self.shared.now_secs();
         let mut map = self
@@ -154,8 +184,9 @@ impl KeyRegistry {
             }
         }
         let shared = Arc::clone(&self.shared);
-        let addr =
-            KeyActor::start_in_arbiter(self.shared.arbiter(id), move |_| KeyActor::new(id, shared));
+        let addr = KeyActor::start_in_arbiter(self.shared.arbiter(id, self.home), move |_| {
+            KeyActor::new(id, shared)
+        });
         map.insert(
             id,
             Entry {
@@ -179,7 +210,7 @@ impl KeyRegistry {
                 continue;
             }
             let shared = Arc::clone(&self.shared);
-            let addr = KeyActor::start_in_arbiter(self.shared.arbiter(id), move |_| {
+            let addr = KeyActor::start_in_arbiter(self.shared.arbiter(id, self.home), move |_| {
                 KeyActor::resident(key, shared)
             });
             map.insert(

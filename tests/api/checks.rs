@@ -4,6 +4,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::common::broker::BrokerClient;
+use crate::common::{shard_consumers, vhost_connections};
 use crate::helpers::{json_body, spawn_app_with_broker};
 use quota_keeper::settings::UnknownKeyPolicy;
 
@@ -222,4 +223,26 @@ async fn readyz_includes_the_broker() {
     let body = json_body(app.client.get(app.url("/readyz"))).await;
     assert_eq!(body["broker"], "ok");
     assert_eq!(body["status"], "ready");
+}
+
+#[actix_web::test]
+async fn each_arbiter_consumes_its_share_of_the_shards_on_a_connection_of_its_own() {
+    let app = spawn_app_with_broker(|settings| settings.actors.arbiters = 3).await;
+    let vhost = &app.vhost.as_ref().expect("a broker app has a vhost").name;
+    assert_eq!(vhost_connections(vhost), 3, "one connection per arbiter");
+    let consumers = shard_consumers(vhost);
+    assert_eq!(consumers.len(), usize::from(app.settings.amqp.shards));
+    for (queue, count) in &consumers {
+        assert_eq!(*count, 1, "{queue} has exactly one consumer");
+    }
+    // Keys spread over every shard are all answered, each from its own actor.
+    let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
+    for id in 1..=64 {
+        app.create_key("alice", json!({"id": id, "token_quota_monthly": 100 + id}))
+            .await;
+        let reply = client.check(id, None).await;
+        assert_eq!(reply["api_key_id"], id);
+        assert_eq!(reply["token_quota_monthly"], 100 + id);
+        assert_eq!(reply["status"], 200);
+    }
 }

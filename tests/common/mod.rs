@@ -175,6 +175,30 @@ fn list_queues(vhost: &str, columns: &[&str]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Consumers of each shard queue of `vhost`, by queue name.
+pub fn shard_consumers(vhost: &str) -> Vec<(String, u64)> {
+    list_queues(vhost, &["consumers"])
+        .into_iter()
+        .filter(|row| {
+            row.first()
+                .is_some_and(|name| name.starts_with("quota.shard."))
+        })
+        .filter_map(|row| Some((row.first()?.clone(), row.get(1)?.parse().ok()?)))
+        .collect()
+}
+
+/// Number of client connections open on `vhost`.
+pub fn vhost_connections(vhost: &str) -> usize {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "--no-table-headers", "vhost"])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.trim() == vhost)
+        .count()
+}
+
 /// Messages ready or unacknowledged in the shard queues of `vhost`, per `rabbitmqctl`.
 pub fn queued_messages(vhost: &str) -> u64 {
     list_queues(vhost, &["messages"])

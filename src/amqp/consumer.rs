@@ -103,20 +103,19 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
     if let Some(correlation_id) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
-    let published = context
-        .replies
-        .basic_publish(
-            "".into(),
-            reply_to,
-            BasicPublishOptions::default(),
-            &body,
-            properties,
-        )
-        .await;
+    let publish = context.replies.basic_publish(
+        "".into(),
+        reply_to,
+        BasicPublishOptions::default(),
+        &body,
+        properties,
+    );
+    // Both frames are handed to lapin in this order on the first poll and written together: the
+    // reply goes out before the ack, without waiting for the reply's write to be reported first.
+    let (published, ()) = futures::future::join(publish, ack(&delivery)).await;
     if let Err(error) = published {
         tracing::warn!(%error, "check reply not sent");
     }
-    ack(&delivery).await;
 }
 
 /// Counts a valid usage event in its key's memory and hands it to the batch writer.

@@ -300,7 +300,18 @@ async fn round_trips(app: &support::BenchApp, round_trips_only: bool) {
     println!("| in flight | round | echo p50 µs | routed echo p50 µs | quota p50 µs | p50 vs echo | p50 vs routed | echo p99 µs | quota p99 µs | echo req/s | routed req/s | quota req/s | req/s vs echo | req/s vs routed |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (in_flight, round, echo, routed, service) in &rows {
-        print_row(*in_flight, *round, echo, routed, service);
+        print_row(*in_flight, &round.to_string(), echo, routed, service);
+    }
+    // Every round of one number in flight taken together: one figure per target.
+    for in_flight in [1, 64] {
+        let rounds: Vec<_> = rows.iter().filter(|row| row.0 == in_flight).collect();
+        print_row(
+            in_flight,
+            "all",
+            &RpcStats::pooled(rounds.iter().map(|row| &row.2)),
+            &RpcStats::pooled(rounds.iter().map(|row| &row.3)),
+            &RpcStats::pooled(rounds.iter().map(|row| &row.4)),
+        );
     }
 
     if round_trips_only {
@@ -422,7 +433,7 @@ async fn memory_per_actor(app: &support::BenchApp) {
 
 fn print_row(
     in_flight: usize,
-    round: usize,
+    round: &str,
     echo: &RpcStats,
     routed: &RpcStats,
     service: &RpcStats,

@@ -232,16 +232,7 @@ async fn run() {
     }
     // `-- round-trips`: only the RabbitMQ round trips (for comparing settings quickly).
     let round_trips_only = std::env::args().any(|arg| arg == "round-trips");
-    // `QUOTA_BENCH_ARBITERS=N`: run the key actors on N arbiters instead of the default.
-    let arbiters = std::env::var("QUOTA_BENCH_ARBITERS")
-        .ok()
-        .and_then(|value| value.parse().ok());
-    let app = start_app(|settings| {
-        if let Some(arbiters) = arbiters {
-            settings.actors.arbiters = arbiters;
-        }
-    })
-    .await;
+    let app = start_app(|_| {}).await;
     insert_keys(&app.db, KEYS).await;
     if !memory_only {
         round_trips(&app, round_trips_only).await;

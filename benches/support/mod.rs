@@ -154,6 +154,13 @@ pub async fn bench_environment() -> (TestDatabase, TestVhost, Settings) {
     settings.amqp.url = vhost.url();
     settings.http.bind = "127.0.0.1:0".into();
     settings.log.level = "warn".into();
+    // `QUOTA_BENCH_ARBITERS=N`: run the key actors (and as many broker connections) on N arbiters.
+    if let Some(arbiters) = std::env::var("QUOTA_BENCH_ARBITERS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+    {
+        settings.actors.arbiters = arbiters;
+    }
     (database, vhost, settings)
 }
 

@@ -97,8 +97,18 @@ async fn a_check_rolls_a_lapsed_window_over_before_answering() {
 }
 
 #[actix_web::test]
-async fn months_without_the_service_are_skipped_not_replayed() {
-    let app = spawn_app_without_scheduler_ticks(Backend::Sqlite).await;
+async fn months_without_the_service_are_skipped_not_replayed_on_sqlite() {
+    months_without_the_service_are_skipped_not_replayed(Backend::Sqlite).await;
+}
+
+/// The scheduler path on PostgreSQL (row locks, array statements) must archive the same as on SQLite.
+#[actix_web::test]
+async fn months_without_the_service_are_skipped_not_replayed_on_postgres() {
+    months_without_the_service_are_skipped_not_replayed(Backend::Postgres).await;
+}
+
+async fn months_without_the_service_are_skipped_not_replayed(backend: Backend) {
+    let app = spawn_app_without_scheduler_ticks(backend).await;
     app.create_key("alice", json!({"id": 3})).await;
     app.set_usage(3, 30).await;
     app.clock.set(at("2027-03-10T12:00:00Z"));

@@ -126,15 +126,15 @@ impl AmqpService {
                 .registry
                 .spawn_on_arbiter(index, open_lane(plan, opened))
             {
-                lane.await.unwrap_or(Err(LaneError::ArbitersStopped))
+                lane.await.unwrap_or(Err(SessionError::ArbitersStopped))
             } else {
-                Err(LaneError::ArbitersStopped)
+                Err(SessionError::ArbitersStopped)
             };
             match lane {
                 Ok(lane) => lanes.push(lane),
                 Err(error) => {
                     close_lanes(&lanes).await;
-                    return Err(error.into());
+                    return Err(error);
                 }
             }
         }
@@ -197,32 +197,15 @@ struct LanePlan {
     ended: mpsc::UnboundedSender<SessionError>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum LaneError {
-    #[error(transparent)]
-    Broker(#[from] lapin::Error),
-    #[error("the key actors' arbiters have stopped")]
-    ArbitersStopped,
-}
-
-impl From<LaneError> for SessionError {
-    fn from(error: LaneError) -> SessionError {
-        match error {
-            LaneError::Broker(error) => SessionError::Broker(error),
-            LaneError::ArbitersStopped => SessionError::ArbitersStopped,
-        }
-    }
-}
-
 /// Runs on the lane's arbiter: connects, starts a loop per shard there and reports the lane.
-async fn open_lane(plan: LanePlan, opened: oneshot::Sender<Result<Lane, LaneError>>) {
+async fn open_lane(plan: LanePlan, opened: oneshot::Sender<Result<Lane, SessionError>>) {
     let result = connect_lane(plan).await.map(|(lane, shard_loops)| {
         for shard_loop in shard_loops {
             tokio::spawn(shard_loop);
         }
         lane
     });
-    let _ = opened.send(result.map_err(LaneError::from));
+    let _ = opened.send(result.map_err(SessionError::from));
 }
 
 /// Opens the lane's connection and channels and consumes its shards; returns the shard loops to run.

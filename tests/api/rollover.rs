@@ -101,7 +101,7 @@ async fn months_without_the_service_are_skipped_not_replayed_on_sqlite() {
     months_without_the_service_are_skipped_not_replayed(Backend::Sqlite).await;
 }
 
-/// The scheduler path on PostgreSQL (row locks, array statements) must archive the same as on SQLite.
+/// The scheduler on PostgreSQL (rows locked as they are archived) must archive the same as on SQLite.
 #[actix_web::test]
 async fn months_without_the_service_are_skipped_not_replayed_on_postgres() {
     months_without_the_service_are_skipped_not_replayed(Backend::Postgres).await;

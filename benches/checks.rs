@@ -234,6 +234,12 @@ async fn run() {
     let round_trips_only = std::env::args().any(|arg| arg == "round-trips");
     let app = start_app(|_| {}).await;
     insert_keys(&app.db, KEYS).await;
+    // `-- metrics-memory`: memory kept per check while nobody scrapes `/metrics`.
+    if std::env::args().any(|arg| arg == "metrics-memory") {
+        metrics_memory_per_check(&app).await;
+        System::current().stop();
+        return;
+    }
     if !memory_only {
         round_trips(&app, round_trips_only).await;
     }
@@ -355,6 +361,41 @@ async fn round_trips(app: &support::BenchApp, round_trips_only: bool) {
         "| {IN_PROCESS_CONCURRENCY} in flight (cost per call) | {ping_pipelined_ns:.0} | {check_pipelined_ns:.0} | {:.2}x |",
         check_pipelined_ns / ping_pipelined_ns
     );
+}
+
+/// RSS after rounds of in-process checks with no scrape of `/metrics`: each check records a
+/// latency sample, which the upkeep thread folds into buckets. Freed memory is reused rather than
+/// returned, so the first round shows the peak between upkeeps; a leak shows as growth in every round.
+async fn metrics_memory_per_check(app: &support::BenchApp) {
+    const ROUNDS: usize = 4;
+    const CHECKS_PER_ROUND: usize = 4_000_000;
+    let run = |count: usize| {
+        futures::stream::iter(0..count as i64)
+            .map(|i| app.registry.check(i % KEYS + 1, Some(10)))
+            .buffer_unordered(IN_PROCESS_CONCURRENCY)
+            .for_each(|reply| async move {
+                reply.expect("check");
+            })
+    };
+    // Warm up: every key resident, allocator pools filled.
+    run(200_000).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    println!("\n## RSS with no scrape of /metrics, {CHECKS_PER_ROUND} checks per round\n");
+    println!("| after round | RSS MiB | growth in the round, bytes per check |\n|---|---|---|");
+    let mut previous = resident_bytes();
+    println!("| 0 (warm) | {:.1} | |", previous as f64 / 1048576.0);
+    for round in 1..=ROUNDS {
+        run(CHECKS_PER_ROUND).await;
+        // Longer than the upkeep interval, so what upkeep frees is free before the next round.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let now = resident_bytes();
+        println!(
+            "| {round} | {:.1} | {:.2} |",
+            now as f64 / 1048576.0,
+            (now as f64 - previous as f64) / CHECKS_PER_ROUND as f64
+        );
+        previous = now;
+    }
 }
 
 /// A million do-nothing actix actors spread over two arbiters, their addresses kept in a map.

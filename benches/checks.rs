@@ -343,13 +343,7 @@ async fn round_trips(app: &support::BenchApp, round_trips_only: bool) {
         .await;
     let ping_pipelined_ns = started.elapsed().as_nanos() as f64 / IN_PROCESS_CALLS as f64;
     let started = Instant::now();
-    futures::stream::iter(0..IN_PROCESS_CALLS as i64)
-        .map(|i| app.registry.check(i % KEYS + 1, Some(10)))
-        .buffer_unordered(IN_PROCESS_CONCURRENCY)
-        .for_each(|reply| async move {
-            reply.expect("check");
-        })
-        .await;
+    pipelined_checks(&app.registry, IN_PROCESS_CALLS).await;
     let check_pipelined_ns = started.elapsed().as_nanos() as f64 / IN_PROCESS_CALLS as f64;
     println!("\n## In-process check (registry lookup + actor message round trip), {IN_PROCESS_CALLS} calls\n");
     println!("| mode | bare actix ping ns/call | quota check ns/call | ratio |\n|---|---|---|---|");
@@ -363,29 +357,32 @@ async fn round_trips(app: &support::BenchApp, round_trips_only: bool) {
     );
 }
 
+/// `count` in-process checks over the bench keys, `IN_PROCESS_CONCURRENCY` in flight at once.
+async fn pipelined_checks(registry: &quota_keeper::actors::registry::KeyRegistry, count: usize) {
+    futures::stream::iter(0..count as i64)
+        .map(|i| registry.check(i % KEYS + 1, Some(10)))
+        .buffer_unordered(IN_PROCESS_CONCURRENCY)
+        .for_each(|reply| async move {
+            reply.expect("check");
+        })
+        .await;
+}
+
 /// RSS after rounds of in-process checks with no scrape of `/metrics`: each check records a
 /// latency sample, which the upkeep thread folds into buckets. Freed memory is reused rather than
 /// returned, so the first round shows the peak between upkeeps; a leak shows as growth in every round.
 async fn metrics_memory_per_check(app: &support::BenchApp) {
     const ROUNDS: usize = 4;
     const CHECKS_PER_ROUND: usize = 4_000_000;
-    let run = |count: usize| {
-        futures::stream::iter(0..count as i64)
-            .map(|i| app.registry.check(i % KEYS + 1, Some(10)))
-            .buffer_unordered(IN_PROCESS_CONCURRENCY)
-            .for_each(|reply| async move {
-                reply.expect("check");
-            })
-    };
     // Warm up: every key resident, allocator pools filled.
-    run(200_000).await;
+    pipelined_checks(&app.registry, 200_000).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     println!("\n## RSS with no scrape of /metrics, {CHECKS_PER_ROUND} checks per round\n");
     println!("| after round | RSS MiB | growth in the round, bytes per check |\n|---|---|---|");
     let mut previous = resident_bytes();
     println!("| 0 (warm) | {:.1} | |", previous as f64 / 1048576.0);
     for round in 1..=ROUNDS {
-        run(CHECKS_PER_ROUND).await;
+        pipelined_checks(&app.registry, CHECKS_PER_ROUND).await;
         // Longer than the upkeep interval, so what upkeep frees is free before the next round.
         tokio::time::sleep(Duration::from_secs(6)).await;
         let now = resident_bytes();

@@ -57,9 +57,10 @@ impl RegistryShared {
     }
 
     /// Where a new actor of `id` starts: on the caller's home arbiter if it has one, else by id.
+    /// (`homed` keeps `home` below the arbiter count.)
     fn arbiter(&self, id: i64, home: Option<usize>) -> &ArbiterHandle {
         let index = home.unwrap_or(id.rem_euclid(self.arbiters.len() as i64) as usize);
-        &self.arbiters[index % self.arbiters.len()]
+        &self.arbiters[index]
     }
 
     fn now_secs(&self) -> u32 {

@@ -10,8 +10,9 @@
 //! Checks, refused and empty events are acknowledged directly: they are never held back behind
 //! usage waiting for the database, though they still share the channel's prefetch window with it.
 //!
-//! lapin hands each ack to its runtime as a task of its own; on the service's current-thread
-//! runtime those run in the order spawned, which is the order `send_in_order` gives them.
+//! lapin hands each ack to the runtime that opened the connection as a task of its own; that is
+//! the current-thread runtime of a key-actor arbiter, where they run in the order spawned, which
+//! is the order `send_in_order` gives them.
 
 use std::collections::BTreeMap;
 

@@ -8,6 +8,7 @@ pub mod domain;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod owners;
 pub mod readiness;
 pub mod settings;
 pub mod startup;

@@ -14,6 +14,8 @@ pub const USAGE_EVENTS_TOTAL: &str = "quota_usage_events_total";
 pub const USAGE_DEAD_LETTERED_TOTAL: &str = "quota_usage_dead_lettered_total";
 pub const BATCH_COMMIT_SECONDS: &str = "quota_batch_commit_seconds";
 pub const ROLLOVERS_TOTAL: &str = "quota_rollovers_total";
+pub const OWNED_SHARDS: &str = "quota_owned_shards";
+pub const FORWARDED_REQUESTS_TOTAL: &str = "quota_forwarded_requests_total";
 
 /// Latency buckets in seconds, from 50 µs to 1 s: checks are answered from memory.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[

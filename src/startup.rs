@@ -17,11 +17,14 @@ use actix::{Actor, Addr};
 
 use crate::actors::registry::KeyRegistry;
 use crate::actors::scheduler::Scheduler;
+use crate::amqp::control::Forwarder;
+use crate::amqp::ownership::Ownership;
 use crate::amqp::AmqpService;
 use crate::clock::SharedClock;
 use crate::db;
 use crate::http::{self, AppState};
 use crate::ingest::BatchWriter;
+use crate::owners::Owners;
 use crate::readiness::{BrokerState, Readiness};
 use crate::settings::Settings;
 
@@ -87,19 +90,31 @@ impl Application {
         }
         .spawn();
         let shutdown = CancellationToken::new();
-        let amqp_task = settings.amqp.enabled.then(|| {
-            tokio::spawn(
-                AmqpService {
-                    settings: settings.amqp.clone(),
-                    registry: registry.clone(),
-                    writer: writer.clone(),
-                    readiness: readiness.clone(),
-                    clock: clock.clone(),
-                    shutdown: shutdown.clone(),
-                }
-                .run(),
-            )
+        let ownership = settings.amqp.enabled.then(|| {
+            Arc::new(Ownership::new(
+                uuid::Uuid::new_v4().simple().to_string(),
+                settings.amqp.shards,
+            ))
         });
+        let forwarder = settings.amqp.enabled.then(Forwarder::default);
+        let amqp_task = ownership
+            .clone()
+            .zip(forwarder.clone())
+            .map(|(ownership, forwarder)| {
+                tokio::spawn(
+                    AmqpService {
+                        settings: settings.amqp.clone(),
+                        registry: registry.clone(),
+                        writer: writer.clone(),
+                        readiness: readiness.clone(),
+                        clock: clock.clone(),
+                        shutdown: shutdown.clone(),
+                        ownership,
+                        forwarder,
+                    }
+                    .run(),
+                )
+            });
         drop(writer);
         let state = web::Data::new(AppState {
             db: db.clone(),
@@ -109,6 +124,8 @@ impl Application {
             metrics: crate::metrics::prometheus_handle(),
             readiness: readiness.clone(),
             registry: registry.clone(),
+            owners: Owners::new(registry.clone(), forwarder),
+            ownership: ownership.clone(),
         });
         let listener = TcpListener::bind(&settings.http.bind)
             .with_context(|| format!("Failed to bind HTTP on {}", settings.http.bind))?;

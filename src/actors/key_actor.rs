@@ -101,6 +101,11 @@ pub struct WindowRolled {
 #[rtype(result = "Result<Option<QuotaState>, KeyError>")]
 pub struct DescribeKey;
 
+/// Another instance changed the key in the database: reload it before answering anything else.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "Result<(), KeyError>")]
+pub struct RefreshKey;
+
 /// The registry saw no request for this key for the idle timeout: stop unless tokens are pending.
 #[derive(Clone, Copy, Debug, Message)]
 #[rtype(result = "()")]
@@ -419,6 +424,42 @@ impl Handler<DescribeKey> for KeyActor {
 
     fn handle(&mut self, _: DescribeKey, _: &mut Self::Context) -> Self::Result {
         Ok(self.resident_now()?.map(|resident| resident.view()))
+    }
+}
+
+impl Handler<RefreshKey> for KeyActor {
+    type Result = AtomicResponse<Self, Result<(), KeyError>>;
+
+    fn handle(&mut self, _: RefreshKey, _: &mut Self::Context) -> Self::Result {
+        let db = self.shared.db.clone();
+        let id = self.id;
+        // Atomic: no check is answered from the old state once the reload has begun.
+        AtomicResponse::new(Box::pin(
+            async move {
+                api_keys::find_key(&db, id)
+                    .await
+                    .map_err(database_unavailable)
+            }
+            .into_actor(self)
+            .map(|loaded, actor, ctx| match loaded {
+                Ok(Some(key)) => {
+                    // Pending tokens stay: their batch commits after the change.
+                    actor.become_resident(key);
+                    Ok(())
+                }
+                Ok(None) => {
+                    // Deleted: unknown from now on; the next request starts a fresh actor.
+                    actor.state = KeyState::Unknown;
+                    ctx.stop();
+                    Ok(())
+                }
+                Err(error) => {
+                    // The old state must not answer on: stop, so the next request loads afresh.
+                    ctx.stop();
+                    Err(error)
+                }
+            }),
+        ))
     }
 }
 

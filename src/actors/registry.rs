@@ -13,8 +13,8 @@ use entity::api_keys::Model;
 use sea_orm::DatabaseConnection;
 
 use super::key_actor::{
-    CheckQuota, DeleteKey, DescribeKey, KeyActor, KeyError, RecordUsage, StopIfIdle, StopKeyActor,
-    UpdateKey, UsageCommitted, UsageRecorded, WindowRolled,
+    CheckQuota, DeleteKey, DescribeKey, KeyActor, KeyError, RecordUsage, RefreshKey, StopIfIdle,
+    StopKeyActor, UpdateKey, UsageCommitted, UsageRecorded, WindowRolled,
 };
 use super::loader::KeyLoader;
 use crate::clock::SharedClock;
@@ -49,7 +49,13 @@ pub struct RegistryShared {
 struct Entry {
     addr: Addr<KeyActor>,
     last_used_secs: u32,
+    /// The shard queue whose delivery started or last reached the actor (`NO_SHARD` without a
+    /// broker): losing that shard drops the actor.
+    shard: u16,
 }
+
+/// The shard of an actor started without a broker (HTTP only); no shard loss ever drops it.
+const NO_SHARD: u16 = u16::MAX;
 
 impl RegistryShared {
     fn stripe(&self, id: i64) -> &Mutex<HashMap<i64, Entry>> {
@@ -97,12 +103,31 @@ impl RegistryShared {
     }
 }
 
+/// Counts a check's outcome and its latency.
+fn record_check(result: &Result<CheckReply, KeyError>, started: std::time::Instant) {
+    let outcome = match result {
+        Ok(reply) => match (reply.status, reply.known) {
+            (200, true) => "allowed",
+            (200, false) => "unknown_allowed",
+            (429, _) => "denied",
+            (404, _) => "unknown_denied",
+            _ => "other",
+        },
+        Err(_) => "unavailable",
+    };
+    metrics::counter!(crate::metrics::CHECKS_TOTAL, "outcome" => outcome).increment(1);
+    metrics::histogram!(crate::metrics::CHECK_DURATION_SECONDS)
+        .record(started.elapsed().as_secs_f64());
+}
+
 /// Cheap to clone; every clone sees the same actors.
 #[derive(Clone)]
 pub struct KeyRegistry {
     shared: Arc<RegistryShared>,
     /// The arbiter this handle's caller runs on, where it starts the actors it needs.
     home: Option<usize>,
+    /// The shard queue this handle's caller consumes; actors it reaches belong to that shard.
+    shard: Option<u16>,
 }
 
 impl KeyRegistry {
@@ -145,7 +170,11 @@ impl KeyRegistry {
                 shared.sweep_idle();
             }
         });
-        KeyRegistry { shared, home: None }
+        KeyRegistry {
+            shared,
+            home: None,
+            shard: None,
+        }
     }
 
     /// Number of arbiters running key actors.
@@ -158,6 +187,16 @@ impl KeyRegistry {
         KeyRegistry {
             shared: Arc::clone(&self.shared),
             home: Some(index % self.shared.arbiters.len()),
+            shard: self.shard,
+        }
+    }
+
+    /// A handle for the consumer of shard queue `shard`: the actors it reaches are recorded as
+    /// that shard's, and dropped when the shard is lost (`evict_shard`).
+    pub fn on_shard(&self, shard: u16) -> KeyRegistry {
+        KeyRegistry {
+            shard: Some(shard),
+            ..self.clone()
         }
     }
 
@@ -178,9 +217,13 @@ impl KeyRegistry {
             .stripe(id)
             .lock()
             .expect("registry stripes are never held across a panic");
+        let shard = self.shard.unwrap_or(NO_SHARD);
         if let Some(entry) = map.get_mut(&id) {
             if entry.addr.connected() {
                 entry.last_used_secs = now;
+                if self.shard.is_some() {
+                    entry.shard = shard;
+                }
                 return entry.addr.clone();
             }
         }
@@ -193,6 +236,7 @@ impl KeyRegistry {
             Entry {
                 addr: addr.clone(),
                 last_used_secs: now,
+                shard,
             },
         );
         addr
@@ -219,6 +263,7 @@ impl KeyRegistry {
                 Entry {
                     addr,
                     last_used_secs: self.shared.now_secs(),
+                    shard: self.shard.unwrap_or(NO_SHARD),
                 },
             );
         }
@@ -247,19 +292,7 @@ impl KeyRegistry {
     pub async fn check(&self, id: i64, estimate: Option<i64>) -> Result<CheckReply, KeyError> {
         let started = std::time::Instant::now();
         let result = self.send(id, CheckQuota { estimate }).await;
-        let outcome = match &result {
-            Ok(reply) => match (reply.status, reply.known) {
-                (200, true) => "allowed",
-                (200, false) => "unknown_allowed",
-                (429, _) => "denied",
-                (404, _) => "unknown_denied",
-                _ => "other",
-            },
-            Err(_) => "unavailable",
-        };
-        metrics::counter!(crate::metrics::CHECKS_TOTAL, "outcome" => outcome).increment(1);
-        metrics::histogram!(crate::metrics::CHECK_DURATION_SECONDS)
-            .record(started.elapsed().as_secs_f64());
+        record_check(&result, started);
         result
     }
 
@@ -306,6 +339,86 @@ impl KeyRegistry {
             },
         )
         .await
+    }
+
+    /// Answers a check from the actor of `id` if one is running here (this instance owns the
+    /// key); `None` if none runs, or it stopped before answering: ask the owner instead.
+    pub async fn check_if_resident(
+        &self,
+        id: i64,
+        estimate: Option<i64>,
+    ) -> Option<Result<CheckReply, KeyError>> {
+        let addr = self.resident(id)?;
+        let started = std::time::Instant::now();
+        let result = addr.send(CheckQuota { estimate }).await.ok()?;
+        record_check(&result, started);
+        Some(result)
+    }
+
+    /// The current window of `id` from its actor if one is running here; `None` otherwise.
+    pub async fn describe_if_resident(
+        &self,
+        id: i64,
+    ) -> Option<Result<Option<QuotaState>, KeyError>> {
+        self.resident(id)?.send(DescribeKey).await.ok()
+    }
+
+    /// Changes key `id` through its actor if one is running here; `None` otherwise.
+    pub async fn update_if_resident(
+        &self,
+        id: i64,
+        username: &str,
+        change: KeyChange,
+    ) -> Option<Result<Option<Model>, KeyError>> {
+        let update = UpdateKey {
+            username: username.to_string(),
+            change,
+        };
+        self.resident(id)?.send(update).await.ok()
+    }
+
+    /// Deletes key `id` through its actor if one is running here; `None` otherwise.
+    pub async fn delete_if_resident(
+        &self,
+        id: i64,
+        username: &str,
+    ) -> Option<Result<bool, KeyError>> {
+        let delete = DeleteKey {
+            username: username.to_string(),
+        };
+        self.resident(id)?.send(delete).await.ok()
+    }
+
+    /// Makes the actor of `id`, if one runs here, reload its key (changed by another instance);
+    /// returns once it has. A key without an actor here loads fresh when it is next needed.
+    pub async fn refresh(&self, id: i64) -> Result<(), KeyError> {
+        match self.resident(id) {
+            Some(addr) => addr.send(RefreshKey).await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the actors of the keys of `shard` (handed over or lost: another instance owns them now).
+    pub fn evict_shard(&self, shard: u16) {
+        for stripe in &self.shared.stripes {
+            let actors: Vec<_> = {
+                let mut map = stripe
+                    .lock()
+                    .expect("registry stripes are never held across a panic");
+                let ids: Vec<i64> = map
+                    .iter()
+                    .filter(|(_, entry)| entry.shard == shard)
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.into_iter()
+                    .filter_map(|id| map.remove(&id))
+                    .map(|entry| entry.addr)
+                    .collect()
+            };
+            for addr in actors {
+                addr.do_send(StopKeyActor);
+            }
+        }
     }
 
     /// The actor of `id` if one is running.

@@ -9,6 +9,7 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 
 use super::acks::{AckSequencer, PendingAck};
+use super::control::{self, InternalRequest};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
 use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
@@ -43,13 +44,15 @@ pub fn handle_delivery(
     context: Arc<DeliveryContext>,
     acks: &AckSequencer,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let internal = control::internal_request(&delivery.properties);
     let is_check = match delivery.exchange.as_str() {
         CHECK_EXCHANGE => true,
         USAGE_EXCHANGE => false,
         // Published straight to a shard queue: a request names where to reply, an event does not.
         _ => delivery.properties.reply_to().is_some(),
     };
-    let usage = (!is_check).then(|| decode_usage_event(&delivery.data, context.clock.now()));
+    let usage = (!is_check && internal.is_none())
+        .then(|| decode_usage_event(&delivery.data, context.clock.now()));
     let counted = match &usage {
         Some(Ok(event)) if event.tokens != 0 => {
             Some(acks.register(delivery.delivery_tag, delivery.acker.clone()))
@@ -57,14 +60,17 @@ pub fn handle_delivery(
         _ => None,
     };
     async move {
-        match (usage, counted) {
-            (None, _) => answer_check(delivery, &context).await,
-            (Some(Ok(event)), Some(ack)) => take_usage(event, ack, &context).await,
-            (Some(Ok(_)), None) => {
+        match (internal, usage, counted) {
+            // A probe only tells this instance it owns the shard, which its arrival already did.
+            (Some(InternalRequest::Probe), _, _) => ack(&delivery).await,
+            (Some(InternalRequest::Refresh), _, _) => answer_refresh(delivery, &context).await,
+            (None, None, _) => answer_check(delivery, &context).await,
+            (None, Some(Ok(event)), Some(ack)) => take_usage(event, ack, &context).await,
+            (None, Some(Ok(_)), None) => {
                 metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
                 ack(&delivery).await;
             }
-            (Some(Err(rejection)), _) => dead_letter(delivery, rejection, &context).await,
+            (None, Some(Err(rejection)), _) => dead_letter(delivery, rejection, &context).await,
         }
     }
 }
@@ -77,13 +83,13 @@ async fn ack(delivery: &Delivery) {
 
 /// Answers a check to its `reply_to`, echoing `correlation_id`; acknowledges after replying.
 async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
-    let Some(reply_to) = delivery.properties.reply_to().clone() else {
+    if delivery.properties.reply_to().is_none() {
         metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "no_reply_to")
             .increment(1);
         tracing::debug!("check request without reply_to dropped");
         ack(&delivery).await;
         return;
-    };
+    }
     let reply = match decode_check_request(&delivery.data) {
         Ok(request) => match context
             .registry
@@ -99,6 +105,17 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
         }
     };
     let body = serde_json::to_vec(&reply).expect("a CheckReply always serializes");
+    reply_and_ack(&delivery, context, body).await;
+}
+
+/// Publishes `body` to the delivery's `reply_to` (echoing `correlation_id`), then acknowledges it.
+async fn reply_and_ack(delivery: &Delivery, context: &DeliveryContext, body: Vec<u8>) {
+    let Some(reply_to) = delivery.properties.reply_to().clone() else {
+        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "no_reply_to")
+            .increment(1);
+        ack(delivery).await;
+        return;
+    };
     let mut properties = BasicProperties::default().with_content_type("application/json".into());
     if let Some(correlation_id) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(correlation_id.clone());
@@ -112,10 +129,29 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
     );
     // Both frames are handed to lapin in this order on the first poll and written together: the
     // reply goes out before the ack, without waiting for the reply's write to be reported first.
-    let (published, ()) = futures::future::join(publish, ack(&delivery)).await;
+    let (published, ()) = futures::future::join(publish, ack(delivery)).await;
     if let Err(error) = published {
         tracing::warn!(%error, "check reply not sent");
     }
+}
+
+/// Another instance changed a key of this shard in the database: the key's actor reloads it, then
+/// the reply says so (the change's HTTP response waits for it: read your writes on every instance).
+async fn answer_refresh(delivery: Delivery, context: &DeliveryContext) {
+    let reply = match decode_check_request(&delivery.data) {
+        Ok(request) => match context.registry.refresh(request.api_key_id).await {
+            Ok(()) => serde_json::json!({ "api_key_id": request.api_key_id, "refreshed": true }),
+            Err(error) => serde_json::json!({
+                "api_key_id": request.api_key_id,
+                "refreshed": false,
+                "detail": error.to_string(),
+            }),
+        },
+        Err(rejection) => {
+            serde_json::json!({ "refreshed": false, "detail": rejection.to_string() })
+        }
+    };
+    reply_and_ack(&delivery, context, reply.to_string().into_bytes()).await;
 }
 
 /// Counts a valid usage event in its key's memory and hands it to the batch writer.

@@ -133,8 +133,9 @@ pub async fn create_key(
     };
     match api_keys::create_key(&state.db, new_key, state.clock.now()).await {
         Ok(key) => {
-            // An actor may hold a negative entry for this id; the next check must see the key.
-            state.registry.invalidate(key.id);
+            // An actor (here or at the owner) may hold a negative entry for this id; the next
+            // check must see the key.
+            state.owners.created(key.id).await;
             tracing::info!(api_key_id = key.id, username = %key.username, "API key created");
             Ok(HttpResponse::Created().json(KeyView::from(key)))
         }
@@ -184,8 +185,13 @@ pub async fn patch_key(
         },
         reset_usage: body.reset_usage.unwrap_or(false),
     };
-    // Through the key's actor, the single writer of its state: the next check sees the change.
-    match state.registry.update(id, &username, change).await? {
+    // Through the key's owner: the next check, on any instance, sees the change.
+    let now = state.clock.now();
+    match state
+        .owners
+        .update(&state.db, id, &username, change, now)
+        .await?
+    {
         Some(key) => Ok(HttpResponse::Ok().json(KeyView::from(key))),
         None => Err(not_found(&username, id)),
     }
@@ -198,7 +204,7 @@ pub async fn delete_key(
 ) -> Result<HttpResponse, ApiError> {
     let (username, raw_id) = path.into_inner();
     let id = parse_key_id(&raw_id)?;
-    if !state.registry.delete(id, &username).await? {
+    if !state.owners.delete(&state.db, id, &username).await? {
         return Err(not_found(&username, id));
     }
     tracing::info!(api_key_id = id, username = %username, "API key deleted");

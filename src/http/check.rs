@@ -19,7 +19,7 @@ pub async fn check_key(
     let id = parse_key_id(&path)?;
     let body = read_body(payload, state.max_body_bytes).await?;
     let reply = match decode_check_estimate(&body) {
-        Ok(estimate) => state.registry.check(id, estimate).await?,
+        Ok(estimate) => state.owners.check(id, estimate).await?,
         Err(rejection) => CheckReply::malformed(Some(id), &rejection),
     };
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);

@@ -5,6 +5,7 @@ use actix_web::{HttpResponse, ResponseError};
 use sea_orm::DbErr;
 
 use crate::actors::key_actor::KeyError;
+use crate::owners::OwnerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -27,6 +28,15 @@ pub enum ApiError {
     Database(#[from] DbErr),
     #[error("{0}")]
     Unavailable(String),
+}
+
+impl From<OwnerError> for ApiError {
+    fn from(error: OwnerError) -> Self {
+        match error {
+            OwnerError::Database(error) => ApiError::Database(error),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 impl From<KeyError> for ApiError {

@@ -19,7 +19,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sea_orm::DatabaseConnection;
 
 use crate::actors::registry::KeyRegistry;
+use crate::amqp::ownership::Ownership;
 use crate::clock::SharedClock;
+use crate::owners::Owners;
 use crate::readiness::Readiness;
 
 /// What every handler can reach.
@@ -32,6 +34,10 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub readiness: Arc<Readiness>,
     pub registry: KeyRegistry,
+    /// Answers from each key's owner (this instance or another).
+    pub owners: Owners,
+    /// The shards this instance owns; `None` without a broker.
+    pub ownership: Option<Arc<Ownership>>,
 }
 
 /// The route table of SPEC §3.

@@ -42,12 +42,16 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             reason
         }
     };
-    let body = json!({
+    let mut body = json!({
         "status": if failing.is_empty() { "ready" } else { "not ready" },
         "failing": failing,
         "database": database,
         "broker": broker,
     });
+    if let Some(ownership) = &state.ownership {
+        body["instance"] = ownership.instance().into();
+        body["owned_shards"] = ownership.owned().into();
+    }
     if failing.is_empty() {
         HttpResponse::Ok().json(body)
     } else {

@@ -17,7 +17,7 @@ pub async fn key_usage(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_key_id(&path)?;
-    let Some(current) = state.registry.describe(id).await? else {
+    let Some(current) = state.owners.describe(id).await? else {
         return Err(ApiError::NotFound(format!("no API key {id}")));
     };
     let window = window_ending_at(current.reset_at);

@@ -242,6 +242,11 @@ impl Members {
             })
             .collect()
     }
+
+    /// Whether a live instance other than this one says it owns `shard`.
+    fn claimed(&self, shard: u16) -> bool {
+        self.heard.values().any(|(_, owned)| owned.contains(&shard))
+    }
 }
 
 /// The control connection of one session.
@@ -416,12 +421,14 @@ async fn round(
         },
     )
     .await?;
+    let others = members.live();
+    // Only shards nobody claims: at rest no probe is sent. A shard whose owner died is found by
+    // its next delivery at once, or by a probe once the dead owner's claim has lapsed.
     for shard in 0..ownership.shard_count() {
-        if !ownership.owns(shard) {
+        if !ownership.owns(shard) && !members.claimed(shard) {
             probe(channel, shard, me).await?;
         }
     }
-    let others = members.live();
     let hand_over = shards_to_hand_over(
         usize::from(ownership.shard_count()),
         me,

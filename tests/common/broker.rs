@@ -121,6 +121,45 @@ impl BrokerClient {
         }
     }
 
+    /// A check that gives up after `within` (`None`): publishes with that expiration, so an
+    /// unanswered request is not answered later, and skips replies to earlier requests.
+    pub async fn try_check(&mut self, key: i64, within: Duration) -> Option<Value> {
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        self.rpc
+            .basic_publish(
+                "quota.check".into(),
+                key.to_string().as_str().into(),
+                BasicPublishOptions::default(),
+                serde_json::json!({ "api_key_id": key })
+                    .to_string()
+                    .as_bytes(),
+                BasicProperties::default()
+                    .with_reply_to(DIRECT_REPLY_TO.into())
+                    .with_correlation_id(correlation_id.as_str().into())
+                    .with_priority(1)
+                    .with_expiration(within.as_millis().to_string().as_str().into())
+                    .with_content_type("application/json".into()),
+            )
+            .await
+            .ok()?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let delivery = tokio::time::timeout_at(deadline, self.replies.next())
+                .await
+                .ok()??
+                .ok()?;
+            if delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|id| id.as_str())
+                == Some(correlation_id.as_str())
+            {
+                return serde_json::from_slice(&delivery.data).ok();
+            }
+        }
+    }
+
     pub async fn check(&mut self, key: i64, tokens: Option<i64>) -> Value {
         let body = match tokens {
             Some(tokens) => serde_json::json!({"api_key_id": key, "tokens": tokens}),

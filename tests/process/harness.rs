@@ -55,7 +55,16 @@ impl Scenario {
     }
 
     pub fn start(&self) -> Service {
-        let log_path = std::env::temp_dir().join(format!("{}.log", self.vhost.name));
+        self.start_on(self.port, "")
+    }
+
+    /// Starts one more instance on the same database and vhost, on an HTTP port of its own.
+    pub fn start_instance(&self, name: &str) -> Service {
+        self.start_on(free_port(), name)
+    }
+
+    fn start_on(&self, port: u16, name: &str) -> Service {
+        let log_path = std::env::temp_dir().join(format!("{}{name}.log", self.vhost.name));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -65,6 +74,7 @@ impl Scenario {
             .arg("serve")
             .current_dir(std::env::temp_dir())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("QUOTA__HTTP__BIND", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -72,7 +82,7 @@ impl Scenario {
             .expect("the binary starts");
         Service {
             child: Some(child),
-            base: format!("http://127.0.0.1:{}", self.port),
+            base: format!("http://127.0.0.1:{port}"),
             log_path,
             http: reqwest::Client::new(),
         }
@@ -210,6 +220,31 @@ impl Service {
             status,
             response.json().await.expect("check replies are JSON"),
         )
+    }
+
+    /// The shards this instance owns, per `/readyz`.
+    pub async fn owned_shards(&self) -> Vec<u16> {
+        let (_, body) = self.readyz().await;
+        body["owned_shards"]
+            .as_array()
+            .map(|shards| {
+                shards
+                    .iter()
+                    .filter_map(|shard| shard.as_u64().and_then(|s| u16::try_from(s).ok()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status();
+        assert!(
+            sent.is_ok_and(|status| status.success()),
+            "kill -{signal} works"
+        );
     }
 
     pub fn pid(&self) -> u32 {

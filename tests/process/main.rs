@@ -8,5 +8,6 @@ mod common;
 
 mod crashes;
 mod harness;
+mod instances;
 mod outages;
 mod soak;

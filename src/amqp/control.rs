@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::balance::{shards_to_hand_over, MemberView};
 use super::ownership::Ownership;
-use super::topology::{shard_queue_name, CHECK_EXCHANGE};
+use super::topology::{Layout, CHECK_EXCHANGE};
 
 /// Fanout exchange of the instances' heartbeats.
 pub const CONTROL_EXCHANGE: &str = "quota.control";
@@ -76,6 +76,24 @@ struct Heartbeat {
     /// Sent once by an instance that is stopping: forget it now rather than after the silence limit.
     #[serde(default)]
     leaving: bool,
+    /// Whether the instance runs the sharded layout (the broker has the plugin).
+    #[serde(default = "sharded_by_default")]
+    sharded: bool,
+}
+
+fn sharded_by_default() -> bool {
+    true
+}
+
+/// Why the control link ended its session.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlEnded {
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+    #[error("the broker closed the control consumers")]
+    ConsumersClosed,
+    #[error("another instance runs the sharded layout: reconnecting to move to it")]
+    LayoutChanged,
 }
 
 /// Why a request to a key's owner got no answer.
@@ -255,12 +273,19 @@ pub struct ControlLink {
     channel: Channel,
     heartbeats: Consumer,
     replies: Consumer,
+    link: Arc<Link>,
+    forwarder: Forwarder,
 }
 
 impl ControlLink {
-    /// Connects, declares the control exchange and this instance's heartbeat queue, and starts
-    /// consuming heartbeats and direct replies.
-    pub async fn open(url: &str, instance: &str) -> Result<ControlLink, lapin::Error> {
+    /// Connects, declares the control exchange and this instance's heartbeat queue, starts
+    /// consuming heartbeats and direct replies, and connects `forwarder` (before the instance
+    /// reports ready, so no request finds it unconnected).
+    pub async fn open(
+        url: &str,
+        instance: &str,
+        forwarder: Forwarder,
+    ) -> Result<ControlLink, lapin::Error> {
         let connection = Connection::connect(
             url,
             ConnectionProperties::default()
@@ -317,11 +342,18 @@ impl ControlLink {
                 FieldTable::default(),
             )
             .await?;
+        let link = Arc::new(Link {
+            channel: channel.clone(),
+            pending: Mutex::new(HashMap::new()),
+        });
+        forwarder.connect(Arc::clone(&link));
         Ok(ControlLink {
             connection,
             channel,
             heartbeats,
             replies,
+            link,
+            forwarder,
         })
     }
 
@@ -330,20 +362,17 @@ impl ControlLink {
     pub async fn run(
         self,
         ownership: Arc<Ownership>,
-        forwarder: Forwarder,
+        layout: Layout,
         stop: CancellationToken,
-    ) -> Result<(), lapin::Error> {
+    ) -> Result<(), ControlEnded> {
         let ControlLink {
             connection,
             channel,
             mut heartbeats,
             mut replies,
+            link,
+            forwarder,
         } = self;
-        let link = Arc::new(Link {
-            channel: channel.clone(),
-            pending: Mutex::new(HashMap::new()),
-        });
-        forwarder.connect(Arc::clone(&link));
         let me = ownership.instance().to_string();
         let mut members = Members::default();
         let mut rounds = tokio::time::interval(ROUND);
@@ -352,20 +381,28 @@ impl ControlLink {
         let result = loop {
             tokio::select! {
                 _ = stop.cancelled() => {
-                    let goodbye = Heartbeat { instance: me.clone(), owned: Vec::new(), leaving: true };
+                    let goodbye = Heartbeat {
+                        instance: me.clone(),
+                        owned: Vec::new(),
+                        leaving: true,
+                        sharded: matches!(layout, Layout::Sharded(_)),
+                    };
                     let _ = publish_heartbeat(&channel, &goodbye).await;
                     break Ok(());
                 }
                 heard = heartbeats.next() => match heard {
                     Some(Ok(delivery)) => {
                         if let Ok(heartbeat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
+                            // The plugin appeared and another instance moved: follow it, or
+                            // this one would wait on a queue nothing is routed to any more.
+                            if layout == Layout::Single && heartbeat.sharded && heartbeat.instance != me {
+                                break Err(ControlEnded::LayoutChanged);
+                            }
                             members.hear(heartbeat, &me);
                         }
                     }
-                    Some(Err(error)) => break Err(error),
-                    None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                        lapin::ConnectionState::Closed,
-                    ))),
+                    Some(Err(error)) => break Err(error.into()),
+                    None => break Err(ControlEnded::ConsumersClosed),
                 },
                 reply = replies.next() => match reply {
                     Some(Ok(delivery)) => {
@@ -380,14 +417,12 @@ impl ControlLink {
                             }
                         }
                     }
-                    Some(Err(error)) => break Err(error),
-                    None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
-                        lapin::ConnectionState::Closed,
-                    ))),
+                    Some(Err(error)) => break Err(error.into()),
+                    None => break Err(ControlEnded::ConsumersClosed),
                 },
                 _ = rounds.tick() => {
-                    if let Err(error) = round(&channel, &ownership, &mut members, &mut cooldown_until).await {
-                        break Err(error);
+                    if let Err(error) = round(&channel, &ownership, layout, &mut members, &mut cooldown_until).await {
+                        break Err(error.into());
                     }
                 }
             }
@@ -407,6 +442,7 @@ impl ControlLink {
 async fn round(
     channel: &Channel,
     ownership: &Ownership,
+    layout: Layout,
     members: &mut Members,
     cooldown_until: &mut Instant,
 ) -> Result<(), lapin::Error> {
@@ -418,6 +454,7 @@ async fn round(
             instance: me.to_string(),
             owned: owned.clone(),
             leaving: false,
+            sharded: matches!(layout, Layout::Sharded(_)),
         },
     )
     .await?;
@@ -426,7 +463,7 @@ async fn round(
     // its next delivery at once, or by a probe once the dead owner's claim has lapsed.
     for shard in 0..ownership.shard_count() {
         if !ownership.owns(shard) && !members.claimed(shard) {
-            probe(channel, shard, me).await?;
+            probe(channel, &layout.queue(shard), me).await?;
         }
     }
     let hand_over = shards_to_hand_over(
@@ -468,14 +505,14 @@ async fn publish_heartbeat(channel: &Channel, heartbeat: &Heartbeat) -> Result<(
     Ok(())
 }
 
-/// Publishes a probe straight to a shard queue: only its active consumer receives it.
-async fn probe(channel: &Channel, shard: u16, me: &str) -> Result<(), lapin::Error> {
+/// Publishes a probe straight to `queue`: only its active consumer receives it.
+pub async fn probe(channel: &Channel, queue: &str, me: &str) -> Result<(), lapin::Error> {
     let mut headers = FieldTable::default();
     headers.insert(PROBE_HEADER.into(), AMQPValue::LongString(me.into()));
     channel
         .basic_publish(
             "".into(),
-            shard_queue_name(shard).as_str().into(),
+            queue.into(),
             BasicPublishOptions::default(),
             b"",
             BasicProperties::default()
@@ -522,6 +559,7 @@ mod tests {
             instance: instance.into(),
             owned,
             leaving,
+            sharded: true,
         };
         members.hear(beat("me", vec![1], false), "me");
         members.hear(beat("b", vec![1, 2], false), "me");

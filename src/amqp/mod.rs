@@ -8,11 +8,15 @@ pub mod ownership;
 pub mod publish;
 pub mod topology;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, Consumer};
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +32,7 @@ use acks::AckSequencer;
 use consumer::DeliveryContext;
 use control::{ControlLink, Forwarder};
 use ownership::Ownership;
+use topology::Layout;
 
 /// First pause after a lost or refused connection; doubles up to `amqp.reconnect_max_backoff_ms`.
 const FIRST_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
@@ -37,6 +42,12 @@ const IN_FLIGHT_GRACE: Duration = Duration::from_secs(3);
 const CONNECTION_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// After handing a shard over, this long before consuming it again (as a waiting consumer).
 const REJOIN_PAUSE: Duration = Duration::from_millis(100);
+/// How often the drain of the retired single queue looks whether it is done.
+const DRAIN_ROUND: Duration = Duration::from_secs(1);
+/// The registry's shard of the keys met while draining the retired single queue.
+const DRAINED_SHARD: u16 = u16::MAX - 1;
+/// The missing-plugin warning is logged once per process, not at every reconnect.
+static WARNED_NO_PLUGIN: AtomicBool = AtomicBool::new(false);
 
 /// The broker side of the service.
 pub struct AmqpService {
@@ -62,6 +73,8 @@ enum SessionEnd {
 enum SessionError {
     #[error(transparent)]
     Broker(#[from] lapin::Error),
+    #[error(transparent)]
+    Control(#[from] control::ControlEnded),
     #[error("the broker cancelled our consumers")]
     ConsumersEnded,
     #[error("the key actors' arbiters have stopped")]
@@ -85,10 +98,7 @@ impl AmqpService {
             match ended {
                 Ok(SessionEnd::ShutdownRequested) => break,
                 Err(error) => {
-                    let mut reason = format!("broker: {error}");
-                    if reason.contains("x-consistent-hash") || reason.contains("exchange type") {
-                        reason.push_str(" (enable it: rabbitmq-plugins enable rabbitmq_consistent_hash_exchange)");
-                    }
+                    let reason = format!("broker: {error}");
                     tracing::warn!(reason = %reason, retry_in_ms = backoff.as_millis() as u64, "AMQP session ended");
                     self.readiness.set_broker(BrokerState::Down(reason));
                     tokio::select! {
@@ -106,10 +116,24 @@ impl AmqpService {
     async fn run_session(&self, backoff: &mut Duration) -> Result<SessionEnd, SessionError> {
         self.readiness
             .set_broker(BrokerState::Down("connecting".into()));
+        let url = with_heartbeat(&self.settings.url, self.settings.heartbeat_secs);
+        let declared = topology::declare_layout(&url, self.settings.shards).await?;
+        let layout = declared.layout;
+        if layout == Layout::Single && !WARNED_NO_PLUGIN.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                queue = topology::SINGLE_QUEUE,
+                "the broker has no consistent-hash exchange type: running with one queue for every key \
+                 (every feature works; several instances are hot standbys, not a split of the load). \
+                 Enable it with `{}`; the service moves to {} shard queues at its next connect",
+                topology::ENABLE_PLUGIN_COMMAND,
+                self.settings.shards
+            );
+        }
+        self.ownership.set_layout_shards(layout.shard_count());
         let lane_count = self
             .registry
             .arbiter_count()
-            .min(usize::from(self.settings.shards))
+            .min(usize::from(layout.shard_count()))
             .max(1);
         // Cancelled when this session ends, however it ends: every shard loop stops with it.
         let session_over = self.shutdown.child_token();
@@ -117,16 +141,17 @@ impl AmqpService {
         let (ended, mut shard_ended) = mpsc::unbounded_channel();
         let shard_loops = TaskTracker::new();
         let mut lanes = Vec::with_capacity(lane_count);
-        let url = with_heartbeat(&self.settings.url, self.settings.heartbeat_secs);
         for index in 0..lane_count {
             let plan = LanePlan {
                 index,
                 url: url.clone(),
-                shards: (0..self.settings.shards)
+                layout,
+                shards: (0..layout.shard_count())
                     .filter(|shard| usize::from(*shard) % lane_count == index)
                     .collect(),
-                // The first lane declares the topology before any lane consumes.
-                declare_topology: index == 0,
+                // Messages left in the single queue of a time without the plugin: the first
+                // lane drains them alongside the shards.
+                drain_single_queue: index == 0 && declared.single_queue_left,
                 settings: self.settings.clone(),
                 registry: self.registry.homed(index),
                 writer: self.writer.clone(),
@@ -154,7 +179,9 @@ impl AmqpService {
             }
         }
         // Heard by the others only now that this instance waits on every shard queue.
-        let control = match ControlLink::open(&url, self.ownership.instance()).await {
+        let opened =
+            ControlLink::open(&url, self.ownership.instance(), self.forwarder.clone()).await;
+        let control = match opened {
             Ok(control) => control,
             Err(error) => {
                 close_lanes(&lanes).await;
@@ -164,13 +191,13 @@ impl AmqpService {
         let control_stop = CancellationToken::new();
         let mut control_task = tokio::spawn(control.run(
             Arc::clone(&self.ownership),
-            self.forwarder.clone(),
+            layout,
             control_stop.clone(),
         ));
         drop(ended);
         self.readiness.set_broker(BrokerState::Consuming);
         tracing::info!(
-            shards = self.settings.shards,
+            shards = layout.shard_count(),
             connections = lane_count,
             instance = self.ownership.instance(),
             "consuming from RabbitMQ"
@@ -214,8 +241,9 @@ struct Lane {
 struct LanePlan {
     index: usize,
     url: String,
+    layout: Layout,
     shards: Vec<u16>,
-    declare_topology: bool,
+    drain_single_queue: bool,
     settings: AmqpSettings,
     /// Homed on the lane's arbiter.
     registry: KeyRegistry,
@@ -243,56 +271,57 @@ async fn connect_lane(plan: LanePlan) -> Result<Lane, lapin::Error> {
         )
         .await?,
     );
-    if plan.declare_topology {
-        let setup = connection.create_channel().await?;
-        topology::declare(&setup, settings.shards).await?;
-        let _ = setup.close(200, "declared".into()).await;
-    }
     let replies = connection.create_channel().await?;
     let dead_letters = connection.create_channel().await?;
     dead_letters
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    for shard in plan.shards {
-        let context = Arc::new(DeliveryContext {
+    let shard_loop = |shard: u16, queue: String| ShardLoop {
+        shard,
+        queue,
+        connection: Arc::clone(&connection),
+        prefetch: settings.prefetch,
+        context: Arc::new(DeliveryContext {
             registry: plan.registry.on_shard(shard),
             writer: plan.writer.clone(),
             replies: replies.clone(),
             dead_letters: dead_letters.clone(),
             clock: plan.clock.clone(),
-        });
+        }),
+        ownership: Arc::clone(&plan.ownership),
+        stop: plan.stop.clone(),
+        ended: plan.ended.clone(),
+    };
+    for shard in plan.shards {
+        let shard_loop = shard_loop(shard, plan.layout.queue(shard));
         // Waiting on every shard queue before the lane counts as open, so the session's
         // consumers are all in place when it reports ready.
-        let consumer = consume(&connection, shard, settings.prefetch).await?;
-        let shard_loop = ShardLoop {
-            shard,
-            connection: Arc::clone(&connection),
-            prefetch: settings.prefetch,
-            context,
-            ownership: Arc::clone(&plan.ownership),
-            stop: plan.stop.clone(),
-            ended: plan.ended.clone(),
-        };
+        let consumer = consume(&connection, &shard_loop.queue, settings.prefetch).await?;
         plan.shard_loops.spawn(shard_loop.run(consumer));
+    }
+    if plan.drain_single_queue {
+        let drain = shard_loop(DRAINED_SHARD, topology::SINGLE_QUEUE.to_string());
+        let consumer = consume(&connection, &drain.queue, settings.prefetch).await?;
+        plan.shard_loops.spawn(drain.drain(consumer));
     }
     Ok(Lane { connection })
 }
 
-/// Opens a channel and consumes shard queue `shard` on it (as a waiting consumer until the
-/// broker makes it the active one).
+/// Opens a channel and consumes `queue` on it (as a waiting consumer until the broker makes it
+/// the active one).
 async fn consume(
     connection: &Connection,
-    shard: u16,
+    queue: &str,
     prefetch: u16,
 ) -> Result<(lapin::Channel, Consumer), lapin::Error> {
     let channel = connection.create_channel().await?;
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let tag = format!("quota-keeper-{}-{shard:03}", std::process::id());
+    let tag = format!("quota-keeper-{}-{queue}", std::process::id());
     let consumer = channel
         .basic_consume(
-            topology::shard_queue_name(shard).as_str().into(),
+            queue.into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -324,6 +353,7 @@ enum ShardLoopEnd {
 /// hands the shard over when asked; settles everything received before it stops.
 struct ShardLoop {
     shard: u16,
+    queue: String,
     connection: Arc<Connection>,
     prefetch: u16,
     context: Arc<DeliveryContext>,
@@ -338,7 +368,7 @@ impl ShardLoop {
         loop {
             let (channel, consumer) = match consumption.take() {
                 Some(consumption) => consumption,
-                None => match consume(&self.connection, self.shard, self.prefetch).await {
+                None => match consume(&self.connection, &self.queue, self.prefetch).await {
                     Ok(consumption) => consumption,
                     Err(error) => {
                         let _ = self.ended.send(error.into());
@@ -370,11 +400,73 @@ impl ShardLoop {
                 let _ = self.ended.send(error.into());
                 return;
             }
+            // A handler still running past the grace may have started an actor since.
+            self.context.registry.evict_shard(self.shard);
             tokio::select! {
                 _ = self.stop.cancelled() => return,
                 _ = tokio::time::sleep(REJOIN_PAUSE) => {}
             }
         }
+    }
+
+    /// Drains the single queue retired by a move to the sharded layout (nothing is routed to it
+    /// any more): its deliveries are handled like any shard's, and once it is empty the instance
+    /// that consumes it actively deletes it, which ends every instance's drain. Keys met here
+    /// may briefly have an actor at their shard's owner too; totals stay exact (increments,
+    /// deduplicated event ids).
+    async fn drain(self, (channel, mut consumer): (lapin::Channel, Consumer)) {
+        let acks = AckSequencer::start();
+        let in_flight = TaskTracker::new();
+        let mut active = false;
+        let mut rounds = tokio::time::interval(DRAIN_ROUND);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        active = true;
+                        in_flight.spawn(consumer::handle_delivery(
+                            delivery,
+                            Arc::clone(&self.context),
+                            &acks,
+                        ));
+                    }
+                    // Deleted by the instance that drained it, or the session is ending.
+                    Some(Err(_)) | None => break,
+                },
+                _ = rounds.tick() => {
+                    if !active {
+                        // Only the active consumer gets it: whoever that is may delete the queue.
+                        let _ = control::probe(&channel, &self.queue, "drain").await;
+                        continue;
+                    }
+                    if !in_flight.is_empty() {
+                        continue;
+                    }
+                    // Everything received is committed and acknowledged before the queue goes.
+                    self.context.writer.flush().await;
+                    acks.sent().await;
+                    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+                    let empty = channel
+                        .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+                        .await
+                        .is_ok_and(|queue| queue.message_count() == 0);
+                    if empty {
+                        let if_empty = QueueDeleteOptions { if_empty: true, ..Default::default() };
+                        if channel.queue_delete(self.queue.as_str().into(), if_empty).await.is_ok() {
+                            tracing::info!(queue = %self.queue, "drained and deleted the single queue of the layout without the plugin");
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        in_flight.close();
+        let _ = tokio::time::timeout(IN_FLIGHT_GRACE, in_flight.wait()).await;
+        self.context.writer.flush().await;
+        acks.sent().await;
+        self.context.registry.evict_shard(self.shard);
+        let _ = channel.close(200, "drained".into()).await;
     }
 
     /// Hands deliveries to their handlers until the session stops, a hand-off is asked for, or

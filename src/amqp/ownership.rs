@@ -7,7 +7,7 @@
 //! closes or it is handed over; losing it drops the actors of its keys.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -25,17 +25,21 @@ struct ShardSlot {
 pub struct Ownership {
     instance: String,
     slots: Vec<ShardSlot>,
+    /// Shards of the current session's layout (all the slots, or one without the plugin).
+    in_layout: AtomicU16,
     /// Shards gained or lost since the last report, logged once per balancer round.
     gained: Mutex<BTreeSet<u16>>,
     lost: Mutex<BTreeSet<u16>>,
 }
 
 impl Ownership {
+    /// Room for `shards` shards (`amqp.shards`), all in the layout until `set_layout_shards`.
     pub fn new(instance: String, shards: u16) -> Ownership {
         metrics::gauge!(names::OWNED_SHARDS).set(0.0);
         Ownership {
             instance,
-            slots: (0..shards)
+            in_layout: AtomicU16::new(shards),
+            slots: (0..shards.max(1))
                 .map(|_| ShardSlot {
                     owned: AtomicBool::new(false),
                     hand_over: Notify::new(),
@@ -51,8 +55,16 @@ impl Ownership {
         &self.instance
     }
 
+    /// Shards in the current layout.
     pub fn shard_count(&self) -> u16 {
-        self.slots.len() as u16
+        self.in_layout.load(Ordering::Acquire)
+    }
+
+    /// A new session found a layout of `shards` shards (owning none yet).
+    pub fn set_layout_shards(&self, shards: u16) {
+        self.lose_all();
+        self.in_layout
+            .store(shards.clamp(1, self.slots.len() as u16), Ordering::Release);
     }
 
     pub fn owns(&self, shard: u16) -> bool {
@@ -78,7 +90,7 @@ impl Ownership {
 
     /// Every shard is lost (the broker session ended).
     pub fn lose_all(&self) {
-        for shard in 0..self.shard_count() {
+        for shard in 0..self.slots.len() as u16 {
             self.lost(shard);
         }
     }
@@ -118,7 +130,9 @@ impl Ownership {
     }
 
     fn slot(&self, shard: u16) -> Option<&ShardSlot> {
-        self.slots.get(usize::from(shard))
+        (shard < self.shard_count())
+            .then(|| self.slots.get(usize::from(shard)))
+            .flatten()
     }
 
     fn record(&self, into: &Mutex<BTreeSet<u16>>, cancels: &Mutex<BTreeSet<u16>>, shard: u16) {

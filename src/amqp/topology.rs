@@ -1,10 +1,12 @@
-//! The AMQP topology of SPEC §2 and TOPOLOGY.md, declared idempotently at every (re)connect.
+//! The AMQP topology of SPEC §2 and §4 and TOPOLOGY.md, declared idempotently at every (re)connect:
+//! sharded when the broker has the consistent-hash exchange type, else one queue for every key.
 
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPHardError};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 
 /// Public exchange for usage events (fanout, bound into the shard exchange).
 pub const USAGE_EXCHANGE: &str = "quota.usage";
@@ -17,13 +19,105 @@ pub const DEAD_LETTER_QUEUE: &str = "quota.usage.dead";
 /// Header carrying the reason a usage message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-quota-error";
 
+/// The one queue of every key when the broker lacks the consistent-hash exchange type.
+pub const SINGLE_QUEUE: &str = "quota.shard.all";
+/// The command that gives a stock RabbitMQ the consistent-hash exchange type.
+pub const ENABLE_PLUGIN_COMMAND: &str =
+    "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange";
+
+/// How usage and checks reach the instance that owns their key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Through the internal consistent-hash exchange, over this many shard queues.
+    Sharded(u16),
+    /// Both public exchanges bound straight to `SINGLE_QUEUE` (no plugin): one owner for every
+    /// key, the other instances wait as hot standbys.
+    Single,
+}
+
+impl Layout {
+    pub fn shard_count(self) -> u16 {
+        match self {
+            Layout::Sharded(shards) => shards,
+            Layout::Single => 1,
+        }
+    }
+
+    /// The queue of shard `shard`.
+    pub fn queue(self, shard: u16) -> String {
+        match self {
+            Layout::Sharded(_) => shard_queue_name(shard),
+            Layout::Single => SINGLE_QUEUE.to_string(),
+        }
+    }
+}
+
+/// What `declare_layout` found and did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Declared {
+    pub layout: Layout,
+    /// Sharded now, but `SINGLE_QUEUE` exists from a time without the plugin: it is no longer
+    /// bound and must be drained of what it still holds.
+    pub single_queue_left: bool,
+}
+
+/// Declares everything on connections of its own: the sharded layout if the broker knows the
+/// consistent-hash exchange type, else the single queue. (RabbitMQ answers an unknown exchange
+/// type by closing the whole connection.)
+pub async fn declare_layout(url: &str, shards: u16) -> lapin::Result<Declared> {
+    let properties =
+        || ConnectionProperties::default().with_connection_name("quota-keeper-setup".into());
+    let connection = Connection::connect(url, properties()).await?;
+    let channel = connection.create_channel().await?;
+    declare_public(&channel).await?;
+    let declared = match declare_shard_exchange(&channel).await {
+        Ok(()) => {
+            declare_shards(&channel, shards).await?;
+            let single_queue_left = retire_single_queue(&connection).await?;
+            Declared {
+                layout: Layout::Sharded(shards),
+                single_queue_left,
+            }
+        }
+        Err(error) if is_unknown_exchange_type(&error) => {
+            let connection = Connection::connect(url, properties()).await?;
+            let channel = connection.create_channel().await?;
+            declare_single_queue(&channel).await?;
+            let _ = connection.close(200, "declared".into()).await;
+            Declared {
+                layout: Layout::Single,
+                single_queue_left: false,
+            }
+        }
+        Err(error) => return Err(error),
+    };
+    let _ = connection.close(200, "declared".into()).await;
+    Ok(declared)
+}
+
+/// The broker's answer to a declaration of an exchange type it does not have (no plugin).
+fn is_unknown_exchange_type(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Hard(AMQPHardError::COMMANDINVALID)
+    )
+}
+
 /// Zero-padded so the hash ring, rebuilt from bindings sorted by name, survives a broker restart.
 pub fn shard_queue_name(shard: u16) -> String {
     format!("quota.shard.{shard:03}")
 }
 
-/// Declares exchanges, shard queues, bindings and the dead-letter queue.
+/// Declares the sharded layout: exchanges, shard queues, bindings and the dead-letter queue.
 pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
+    declare_public(channel).await?;
+    declare_shard_exchange(channel).await?;
+    declare_shards(channel, shards).await
+}
+
+/// The public exchanges and the dead-letter queue, the same in both layouts.
+async fn declare_public(channel: &Channel) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -39,6 +133,30 @@ pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
             .await?;
     }
     channel
+        .queue_declare(
+            DEAD_LETTER_QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Arguments of every queue a key's messages wait in.
+fn owner_queue_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    // One consumer per queue at a time: the owner of a shard owns its keys.
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    // Checks (priority 1) overtake queued usage events.
+    arguments.insert("x-max-priority".into(), AMQPValue::LongInt(1));
+    arguments
+}
+
+async fn declare_shard_exchange(channel: &Channel) -> lapin::Result<()> {
+    channel
         .exchange_declare(
             SHARD_EXCHANGE.into(),
             ExchangeKind::Custom("x-consistent-hash".into()),
@@ -49,7 +167,10 @@ pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
             },
             FieldTable::default(),
         )
-        .await?;
+        .await
+}
+
+async fn declare_shards(channel: &Channel, shards: u16) -> lapin::Result<()> {
     for public in [USAGE_EXCHANGE, CHECK_EXCHANGE] {
         // Exchange-to-exchange bindings keep the routing key, so usage and checks of a key meet in one queue.
         channel
@@ -62,11 +183,7 @@ pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
             )
             .await?;
     }
-    let mut shard_arguments = FieldTable::default();
-    // One consumer per queue at a time: the owner of a shard owns its keys.
-    shard_arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    // Checks (priority 1) overtake queued usage events.
-    shard_arguments.insert("x-max-priority".into(), AMQPValue::LongInt(1));
+    let shard_arguments = owner_queue_arguments();
     let durable_queue = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -91,12 +208,64 @@ pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
             )
             .await?;
     }
+    Ok(())
+}
+
+/// The single layout: `SINGLE_QUEUE` with both public exchanges bound straight to it.
+async fn declare_single_queue(channel: &Channel) -> lapin::Result<()> {
+    declare_public(channel).await?;
     channel
         .queue_declare(
-            DEAD_LETTER_QUEUE.into(),
-            durable_queue,
-            FieldTable::default(),
+            SINGLE_QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            owner_queue_arguments(),
         )
         .await?;
+    for public in [USAGE_EXCHANGE, CHECK_EXCHANGE] {
+        channel
+            .queue_bind(
+                SINGLE_QUEUE.into(),
+                public.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(())
+}
+
+/// After a move to the sharded layout: unbinds `SINGLE_QUEUE` if it exists, so nothing new
+/// reaches it; returns whether it exists (and may hold messages to drain).
+async fn retire_single_queue(connection: &Connection) -> lapin::Result<bool> {
+    // A passive declare of a missing queue closes its channel: a channel of its own.
+    let channel = connection.create_channel().await?;
+    let exists = channel
+        .queue_declare(
+            SINGLE_QUEUE.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    if exists {
+        for public in [USAGE_EXCHANGE, CHECK_EXCHANGE] {
+            channel
+                .queue_unbind(
+                    SINGLE_QUEUE.into(),
+                    public.into(),
+                    "".into(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let _ = channel.close(200, "retired".into()).await;
+    }
+    Ok(exists)
 }

@@ -229,7 +229,11 @@ async fn readyz_includes_the_broker() {
 async fn each_arbiter_consumes_its_share_of_the_shards_on_a_connection_of_its_own() {
     let app = spawn_app_with_broker(|settings| settings.actors.arbiters = 3).await;
     let vhost = &app.vhost.as_ref().expect("a broker app has a vhost").name;
-    assert_eq!(vhost_connections(vhost), 3, "one connection per arbiter");
+    assert_eq!(
+        vhost_connections(vhost),
+        4,
+        "one connection per arbiter, one for control (heartbeats, forwarded requests)"
+    );
     let consumers = shard_consumers(vhost);
     assert_eq!(consumers.len(), usize::from(app.settings.amqp.shards));
     for (queue, count) in &consumers {

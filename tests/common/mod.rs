@@ -115,8 +115,34 @@ pub fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// The broker plugin of the sharded layout, as tests expect it.
+pub const CONSISTENT_HASH_PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
+
+/// `rabbitmq-plugins enable|disable PLUGIN` on the local node (node-wide).
+pub fn rabbitmq_plugins(action: &str, plugin: &str) {
+    let output = std::process::Command::new("rabbitmq-plugins")
+        .args([action, "--quiet", plugin])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("rabbitmq-plugins runs (tests run as root next to the broker)");
+    assert!(
+        output.status.success(),
+        "rabbitmq-plugins {action} {plugin}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+static PLUGIN_ENABLED: std::sync::Once = std::sync::Once::new();
+
+/// Enables the consistent-hash plugin once per test process, so the README's test command works
+/// on a stock broker too (the service itself runs without it, in the single-queue layout).
+pub fn ensure_consistent_hash_plugin() {
+    PLUGIN_ENABLED.call_once(|| rabbitmq_plugins("enable", CONSISTENT_HASH_PLUGIN));
+}
+
 impl TestVhost {
     pub fn create() -> TestVhost {
+        ensure_consistent_hash_plugin();
         let name = format!("qk_test_{}", uuid::Uuid::new_v4().simple());
         rabbitmqctl(&["add_vhost", &name]);
         rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
@@ -156,6 +182,14 @@ where
 }
 
 /// One row per queue of `vhost`: its name, then the requested `columns`, as `rabbitmqctl` lists them.
+/// Names of the queues of `vhost`.
+pub fn list_queue_names(vhost: &str) -> Vec<String> {
+    list_queues(vhost, &[])
+        .into_iter()
+        .filter_map(|row| row.into_iter().next())
+        .collect()
+}
+
 fn list_queues(vhost: &str, columns: &[&str]) -> Vec<Vec<String>> {
     let output = std::process::Command::new("rabbitmqctl")
         .args([

@@ -11,3 +11,4 @@ mod harness;
 mod instances;
 mod outages;
 mod soak;
+mod stock_broker;

@@ -13,4 +13,5 @@ mod common;
 mod helpers;
 
 mod child;
+mod logs;
 mod metrics_at_start;

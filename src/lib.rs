@@ -9,6 +9,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod readiness;
+pub mod remote_check;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;

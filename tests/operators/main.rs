@@ -12,6 +12,7 @@ mod common;
 #[path = "../api/helpers.rs"]
 mod helpers;
 
+mod check_command;
 mod child;
 mod logs;
 mod metrics_at_start;

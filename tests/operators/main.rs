@@ -14,5 +14,6 @@ mod helpers;
 
 mod check_command;
 mod child;
+mod gateway;
 mod logs;
 mod metrics_at_start;

@@ -17,3 +17,4 @@ mod child;
 mod gateway;
 mod logs;
 mod metrics_at_start;
+mod openapi;

@@ -18,3 +18,4 @@ mod gateway;
 mod logs;
 mod metrics_at_start;
 mod openapi;
+mod ops_files;

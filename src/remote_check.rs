@@ -56,19 +56,22 @@ pub enum RemoteCheckError {
 }
 
 /// Publishes a check of `api_key_id` (with the estimate `tokens`, if any) to `quota.check` and
-/// waits at most `timeout` for the reply with its correlation id.
+/// waits for the reply with its correlation id; `timeout` bounds everything, the connection included.
 pub async fn check_over_amqp(
     amqp_url: &str,
     api_key_id: i64,
     tokens: Option<i64>,
     timeout: Duration,
 ) -> Result<RemoteCheckReply, RemoteCheckError> {
-    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
-    let result = tokio::time::timeout(timeout, ask(&connection, api_key_id, tokens, timeout))
+    let exchange = async {
+        let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+        let result = ask(&connection, api_key_id, tokens, timeout).await;
+        let _ = connection.close(200, "checked".into()).await;
+        result
+    };
+    tokio::time::timeout(timeout, exchange)
         .await
-        .unwrap_or(Err(RemoteCheckError::TimedOut(timeout)));
-    let _ = connection.close(200, "checked".into()).await;
-    result
+        .unwrap_or(Err(RemoteCheckError::TimedOut(timeout)))
 }
 
 async fn ask(

@@ -77,6 +77,30 @@ async fn check_exits_2_when_there_is_no_answer() {
     let empty = crate::common::TestVhost::create();
     let (code, _, stderr) = run_check(&empty.url(), &["--key", "42", "--timeout-ms", "2000"]).await;
     assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("quota.check"),
+        "names the missing exchange: {stderr}"
+    );
+
+    // The exchange exists but nothing consumes: no reply, the command gives up after its timeout.
+    let connection = lapin::Connection::connect(&empty.url(), Default::default())
+        .await
+        .expect("the test vhost accepts guest");
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .exchange_declare(
+            "quota.check".into(),
+            lapin::ExchangeKind::Fanout,
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("the exchange is declared");
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = run_check(&empty.url(), &["--key", "42", "--timeout-ms", "500"]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no reply within 500 ms"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
 
     let (code, _, stderr) = run_check(&empty.url(), &["--key", "0"]).await;
     assert_eq!(

@@ -5,9 +5,10 @@ use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::settings::{LogFormat, LogSettings};
 
-/// The AMQP client library's target. On a refused or lost connection it logs its own ERROR lines
-/// ("Connection error", "error doing IO", the channel's close reason) on every attempt; the
-/// service already logs one warning per attempt with the same reason and the next retry.
+/// The AMQP client library's target. When the broker closes a connection (unknown exchange type,
+/// missing vhost, refused credentials) it logs three ERROR lines per attempt ("Connection closed",
+/// "Connection error", "Exponential backoff attempts exhausted"); the service already logs one
+/// warning per attempt with the same reason and the next retry.
 const AMQP_CLIENT_TARGET: &str = "lapin";
 
 /// Installs the global subscriber; a second call (as in tests) is a no-op.

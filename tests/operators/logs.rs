@@ -66,8 +66,8 @@ async fn a_refused_connection_logs_one_warning_per_attempt() {
 
 #[tokio::test]
 async fn a_connection_closed_by_the_broker_logs_no_client_errors() {
-    // The broker accepts the socket, then closes the connection: lapin logs two ERROR lines
-    // ("Connection closed", "Connection error") per attempt unless filtered.
+    // The broker accepts the socket, then closes the connection: lapin logs three ERROR lines
+    // ("Connection closed", "Connection error", …) per attempt unless filtered.
     let missing_vhost = format!("qk_missing_{}", uuid::Uuid::new_v4().simple());
     let url = format!("amqp://guest:guest@127.0.0.1:5672/{missing_vhost}");
     let lines = log_of_failing_attempts(&url, 3).await;

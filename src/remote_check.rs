@@ -128,3 +128,26 @@ async fn ask(
     }
     Err(RemoteCheckError::RepliesClosed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_with(status: u16, allowed: bool) -> RemoteCheckReply {
+        let mut reply = CheckReply::for_unknown_key(42, allowed);
+        reply.status = status;
+        RemoteCheckReply {
+            body: String::new(),
+            reply,
+        }
+    }
+
+    #[test]
+    fn the_status_decides_the_verdict() {
+        assert_eq!(reply_with(200, true).verdict(), CheckVerdict::Allowed);
+        assert_eq!(reply_with(429, false).verdict(), CheckVerdict::Denied);
+        assert_eq!(reply_with(404, false).verdict(), CheckVerdict::Denied);
+        assert_eq!(reply_with(400, false).verdict(), CheckVerdict::Undecided);
+        assert_eq!(reply_with(503, false).verdict(), CheckVerdict::Undecided);
+    }
+}

@@ -10,6 +10,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod owners;
 pub mod readiness;
+pub mod remote_check;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;

@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use quota_keeper::amqp::publish::{publish_usage, UsageMessage};
 use quota_keeper::clock::SystemClock;
+use quota_keeper::remote_check::{check_over_amqp, CheckVerdict};
 use quota_keeper::settings::Settings;
 use quota_keeper::startup::Application;
 
@@ -16,6 +18,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Exit code for an invalid setting or command line.
 const EXIT_BAD_CONFIGURATION: u8 = 2;
+/// Exit code of `check` when the key is denied (quota reached, or unknown under `deny`).
+const EXIT_DENIED: u8 = 1;
+/// Exit code of `check` when no decision came back (broker, timeout, malformed, unavailable).
+const EXIT_CHECK_FAILED: u8 = 2;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +58,18 @@ enum Command {
         #[arg(long)]
         occurred_at: Option<String>,
     },
+    /// Ask a check over RabbitMQ and print the reply; exit 0 allowed, 1 denied, 2 on error.
+    Check {
+        /// The API key id.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        key: i64,
+        /// Tokens the coming request is expected to use.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        tokens: Option<i64>,
+        /// How long to wait for the reply.
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,16 +86,17 @@ fn main() -> ExitCode {
         }
     };
     quota_keeper::telemetry::init(&settings.log);
-    let result = actix_web::rt::System::new().block_on(async move {
+    let result: anyhow::Result<ExitCode> = actix_web::rt::System::new().block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
                 let app = Application::build(settings, Arc::new(SystemClock)).await?;
-                app.run_until_stopped().await
+                app.run_until_stopped().await?;
+                Ok(ExitCode::SUCCESS)
             }
             Command::Migrate => {
                 quota_keeper::db::connect_and_migrate(&settings.database).await?;
                 tracing::info!("migrations applied");
-                Ok(())
+                Ok(ExitCode::SUCCESS)
             }
             Command::Publish {
                 key,
@@ -93,16 +112,42 @@ fn main() -> ExitCode {
                 };
                 publish_usage(&settings.amqp.url, &message).await?;
                 println!("{}", serde_json::to_string(&message)?);
-                Ok(())
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Check {
+                key,
+                tokens,
+                timeout_ms,
+            } => {
+                let timeout = Duration::from_millis(timeout_ms);
+                Ok(check(&settings.amqp.url, key, tokens, timeout).await)
             }
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "quota-keeper failed");
             eprintln!("quota-keeper: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `check` command: prints the reply JSON; the exit code says allowed, denied or failed.
+async fn check(amqp_url: &str, key: i64, tokens: Option<i64>, timeout: Duration) -> ExitCode {
+    match check_over_amqp(amqp_url, key, tokens, timeout).await {
+        Ok(reply) => {
+            println!("{}", reply.body);
+            match reply.verdict() {
+                CheckVerdict::Allowed => ExitCode::SUCCESS,
+                CheckVerdict::Denied => ExitCode::from(EXIT_DENIED),
+                CheckVerdict::Undecided => ExitCode::from(EXIT_CHECK_FAILED),
+            }
+        }
+        Err(error) => {
+            eprintln!("quota-keeper check: {error}");
+            ExitCode::from(EXIT_CHECK_FAILED)
         }
     }
 }

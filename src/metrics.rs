@@ -1,4 +1,5 @@
-//! Prometheus recorder, installed once per process, and the names of the service's metrics.
+//! Prometheus recorder, installed once per process, the names of the service's metrics, and their
+//! registration at 0 so every family is exported from the start.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -14,8 +15,31 @@ pub const USAGE_EVENTS_TOTAL: &str = "quota_usage_events_total";
 pub const USAGE_DEAD_LETTERED_TOTAL: &str = "quota_usage_dead_lettered_total";
 pub const BATCH_COMMIT_SECONDS: &str = "quota_batch_commit_seconds";
 pub const ROLLOVERS_TOTAL: &str = "quota_rollovers_total";
+/// Shard queues this instance consumes actively (it owns their keys).
 pub const OWNED_SHARDS: &str = "quota_owned_shards";
+/// Requests sent to the owner of a key through the broker, by kind and outcome.
 pub const FORWARDED_REQUESTS_TOTAL: &str = "quota_forwarded_requests_total";
+/// 1 while the broker is consumed (or not configured) and the last batch committed, else 0.
+pub const READY: &str = "quota_ready";
+
+/// Every `outcome` of `quota_checks_total` (set in `KeyRegistry::check` and the AMQP consumer).
+pub const CHECK_OUTCOMES: &[&str] = &[
+    "allowed",
+    "denied",
+    "unknown_allowed",
+    "unknown_denied",
+    "malformed",
+    "unavailable",
+    "other",
+];
+/// Every `outcome` of `quota_usage_events_total` (set by the batch writer and the AMQP consumer).
+pub const USAGE_EVENT_OUTCOMES: &[&str] = &["counted", "duplicate", "late", "zero"];
+/// Every `reason` of `quota_check_requests_dropped_total`.
+pub const CHECK_DROP_REASONS: &[&str] = &["no_reply_to"];
+/// Every `kind` of `quota_forwarded_requests_total` (set in `Owners`).
+pub const FORWARDED_KINDS: &[&str] = &["check", "refresh"];
+/// Every `outcome` of `quota_forwarded_requests_total`.
+pub const FORWARDED_OUTCOMES: &[&str] = &["answered", "timeout", "not_connected", "broker_error"];
 
 /// Latency buckets in seconds, from 50 µs to 1 s: checks are answered from memory.
 const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -53,7 +77,85 @@ pub fn prometheus_handle() -> PrometheusHandle {
             if let Err(error) = spawned {
                 tracing::warn!(%error, "no metrics upkeep thread: histograms drain only when scraped");
             }
+            register_every_family();
             handle
         })
         .clone()
+}
+
+/// Describes every family and creates each of its known series at 0.
+///
+/// The exporter renders a series only once it exists; without this a fresh service exported
+/// nothing until the first event of each kind, which breaks dashboards and absence alerts.
+/// Increments by 0 (never `absolute(0)`) so a series another application of the same process
+/// already moved keeps its value.
+fn register_every_family() {
+    use metrics::{
+        counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    };
+
+    describe_counter!(CHECKS_TOTAL, "Checks answered (AMQP and HTTP), by outcome.");
+    for outcome in CHECK_OUTCOMES {
+        counter!(CHECKS_TOTAL, "outcome" => *outcome).increment(0);
+    }
+    describe_histogram!(
+        CHECK_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to answer a check from its key actor."
+    );
+    // Registering is enough: an empty histogram renders with zero counts.
+    let _ = histogram!(CHECK_DURATION_SECONDS);
+    describe_gauge!(RESIDENT_KEY_ACTORS, "Key actors in memory.");
+    gauge!(RESIDENT_KEY_ACTORS).increment(0.0);
+    describe_counter!(
+        CHECK_REQUESTS_DROPPED_TOTAL,
+        "AMQP check requests dropped unanswered, by reason."
+    );
+    for reason in CHECK_DROP_REASONS {
+        counter!(CHECK_REQUESTS_DROPPED_TOTAL, "reason" => *reason).increment(0);
+    }
+    describe_counter!(
+        USAGE_UNKNOWN_KEY_TOTAL,
+        "Usage events for a key the database does not know (acknowledged, not counted)."
+    );
+    counter!(USAGE_UNKNOWN_KEY_TOTAL).increment(0);
+    describe_counter!(USAGE_EVENTS_TOTAL, "Usage events settled, by outcome.");
+    for outcome in USAGE_EVENT_OUTCOMES {
+        counter!(USAGE_EVENTS_TOTAL, "outcome" => *outcome).increment(0);
+    }
+    describe_counter!(
+        USAGE_DEAD_LETTERED_TOTAL,
+        "Usage messages refused and moved to quota.usage.dead."
+    );
+    counter!(USAGE_DEAD_LETTERED_TOTAL).increment(0);
+    describe_histogram!(
+        BATCH_COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to commit one batch of usage events."
+    );
+    let _ = histogram!(BATCH_COMMIT_SECONDS);
+    describe_counter!(
+        ROLLOVERS_TOTAL,
+        "Keys rolled over to a new monthly window by the scheduler."
+    );
+    counter!(ROLLOVERS_TOTAL).increment(0);
+    describe_gauge!(
+        READY,
+        "1 while the broker is consumed (or not configured) and the last usage batch committed, else 0."
+    );
+    gauge!(READY).increment(0.0);
+    describe_gauge!(
+        OWNED_SHARDS,
+        "Shard queues this instance consumes actively: it owns their keys."
+    );
+    gauge!(OWNED_SHARDS).increment(0.0);
+    describe_counter!(
+        FORWARDED_REQUESTS_TOTAL,
+        "Requests sent to the owner of a key through the broker (checks, usage reads, admin changes), by kind and outcome."
+    );
+    for kind in FORWARDED_KINDS {
+        for outcome in FORWARDED_OUTCOMES {
+            counter!(FORWARDED_REQUESTS_TOTAL, "kind" => *kind, "outcome" => *outcome).increment(0);
+        }
+    }
 }

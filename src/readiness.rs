@@ -1,4 +1,5 @@
-//! Shared readiness of the dependencies, written by their owners and read by `/readyz`.
+//! Shared readiness of the dependencies, written by their owners, read by `/readyz` and exported
+//! as the gauge `quota_ready`.
 
 use std::sync::Mutex;
 
@@ -22,10 +23,27 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn new(broker: BrokerState) -> Readiness {
-        Readiness {
+        let readiness = Readiness {
             broker: Mutex::new(broker),
             database_error: Mutex::new(None),
-        }
+        };
+        readiness.export();
+        readiness
+    }
+
+    /// Whether the broker is consumed (or not configured) and the last commit succeeded; `/readyz`
+    /// also pings the database, which this does not.
+    pub fn is_ready(&self) -> bool {
+        matches!(
+            self.broker(),
+            BrokerState::NotConfigured | BrokerState::Consuming
+        ) && self.database_error().is_none()
+    }
+
+    /// Sets `quota_ready` from the current flags: alerts see "not ready" without scraping `/readyz`.
+    fn export(&self) {
+        let ready = if self.is_ready() { 1.0 } else { 0.0 };
+        metrics::gauge!(crate::metrics::READY).set(ready);
     }
 
     pub fn broker(&self) -> BrokerState {
@@ -40,6 +58,7 @@ impl Readiness {
             .broker
             .lock()
             .expect("readiness mutex is never held across a panic") = state;
+        self.export();
     }
 
     pub fn database_error(&self) -> Option<String> {
@@ -54,5 +73,6 @@ impl Readiness {
             .database_error
             .lock()
             .expect("readiness mutex is never held across a panic") = error;
+        self.export();
     }
 }

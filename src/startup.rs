@@ -51,6 +51,8 @@ pub struct Application {
 impl Application {
     /// Connects the database (applying migrations), starts the actors and binds HTTP.
     pub async fn build(settings: Settings, clock: SharedClock) -> anyhow::Result<Application> {
+        // First: every family is registered at 0 and what is built below records into it.
+        let metrics = crate::metrics::prometheus_handle();
         let db = db::connect_and_migrate(&settings.database)
             .await
             .context("Failed to open the database and apply migrations")?;
@@ -121,7 +123,7 @@ impl Application {
             clock,
             admin_password: settings.admin.password.clone(),
             max_body_bytes: settings.http.max_body_bytes,
-            metrics: crate::metrics::prometheus_handle(),
+            metrics,
             readiness: readiness.clone(),
             registry: registry.clone(),
             owners: Owners::new(registry.clone(), forwarder),

@@ -40,7 +40,7 @@ pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Rejection>
 }
 
 /// The answer to a check, over AMQP and HTTP alike.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct CheckReply {
     pub api_key_id: Option<i64>,
     pub known: bool,

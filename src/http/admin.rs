@@ -15,7 +15,7 @@ use crate::domain::quota::format_instant;
 const MAX_USERNAME_CHARS: usize = 255;
 
 /// A key as the admin API shows it.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct KeyView {
     pub id: i64,
     pub username: String,

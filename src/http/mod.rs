@@ -5,6 +5,7 @@ pub mod auth;
 pub mod body;
 pub mod check;
 pub mod errors;
+pub mod openapi;
 pub mod ops;
 pub mod usage;
 
@@ -46,6 +47,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
         .route("/metrics", web::get().to(ops::metrics))
+        .route("/openapi.json", web::get().to(openapi::serve_document))
         .service(
             web::resource("/users/{username}/apikeys")
                 .route(web::post().to(admin::create_key))

@@ -205,6 +205,9 @@ impl AmqpService {
         *backoff = FIRST_RECONNECT_BACKOFF;
 
         let end = tokio::select! {
+            // Shutdown first: the shard loops it stops drop their senders when they finish,
+            // which must not read as lost consumers.
+            biased;
             _ = self.shutdown.cancelled() => {
                 // Say goodbye, stop taking deliveries, let received ones reach the writer, commit,
                 // acknowledge (each shard loop), then close: the shards pass to the next instance.

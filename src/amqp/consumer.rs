@@ -8,7 +8,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 
-use super::acks::{AckSequencer, PendingAck};
+use super::acks::{AckSequencer, DeadLetterStore, PendingAck};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
 use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
@@ -51,9 +51,10 @@ pub fn handle_delivery(
     };
     let usage = (!is_check).then(|| decode_usage_event(&delivery.data, context.clock.now()));
     let counted = match &usage {
-        Some(Ok(event)) if event.tokens != 0 => {
-            Some(acks.register(delivery.delivery_tag, delivery.acker.clone()))
-        }
+        Some(Ok(event)) if event.tokens != 0 => Some(
+            acks.register(delivery.delivery_tag, delivery.acker.clone())
+                .with_dead_letter(dead_letter_store(&delivery, &context)),
+        ),
         _ => None,
     };
     async move {
@@ -126,6 +127,16 @@ async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContex
         .await
     {
         Ok(UsageRecorded::Pending(ticket)) => Some(ticket),
+        Ok(UsageRecorded::WouldOverflow { used }) => {
+            let reason = Rejection::new(format!(
+                "tokens_used_this_month of key {} would pass {} ({used} + {})",
+                event.api_key_id,
+                i64::MAX,
+                event.tokens
+            ));
+            ack.dead_letter(reason.to_string()).await;
+            return;
+        }
         // The actor's "unknown" may be a few seconds old (a key just created elsewhere), and a key
         // that could not be loaded may exist: the batch writer decides against the database.
         Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_) => None,
@@ -135,34 +146,74 @@ async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContex
 
 /// Stores the message in `quota.usage.dead` with the reason, then acknowledges the original.
 async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &DeliveryContext) {
-    tracing::info!(reason = %rejection, "usage message dead-lettered");
-    metrics::counter!(names::USAGE_DEAD_LETTERED_TOTAL).increment(1);
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ERROR_HEADER.into(),
-        AMQPValue::LongString(rejection.to_string().into()),
-    );
+    let stored = store_dead_letter(
+        context.dead_letters.clone(),
+        DeadLetter::of(&delivery),
+        rejection.to_string(),
+    )
+    .await;
+    if stored {
+        ack(&delivery).await;
+    } else {
+        tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;
+        let _ = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
+    }
+}
+
+/// What a dead letter keeps of the original delivery.
+struct DeadLetter {
+    data: Vec<u8>,
+    properties: BasicProperties,
+    exchange: String,
+}
+
+impl DeadLetter {
+    fn of(delivery: &Delivery) -> DeadLetter {
+        DeadLetter {
+            data: delivery.data.clone(),
+            properties: delivery.properties.clone(),
+            exchange: delivery.exchange.as_str().to_string(),
+        }
+    }
+}
+
+/// How the batch writer refuses a delivery it already took in: the same dead letter, later.
+fn dead_letter_store(delivery: &Delivery, context: &DeliveryContext) -> DeadLetterStore {
+    let original = DeadLetter::of(delivery);
+    let channel = context.dead_letters.clone();
+    Box::new(move |reason| Box::pin(store_dead_letter(channel, original, reason)))
+}
+
+/// Publishes the message to `quota.usage.dead` with the reason; `true` once the broker confirmed it.
+async fn store_dead_letter(channel: Channel, original: DeadLetter, reason: String) -> bool {
+    tracing::info!(%reason, "usage message dead-lettered");
+    let mut headers = original.properties.headers().clone().unwrap_or_default();
+    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(reason.into()));
     headers.insert(
         "x-quota-original-exchange".into(),
-        AMQPValue::LongString(delivery.exchange.as_str().into()),
+        AMQPValue::LongString(original.exchange.into()),
     );
     // A fresh set of properties: the original's `expiration` must not make the dead letter expire.
-    let original = &delivery.properties;
     let mut properties = BasicProperties::default()
         .with_headers(headers)
         .with_delivery_mode(PERSISTENT);
-    if let Some(content_type) = original.content_type() {
+    if let Some(content_type) = original.properties.content_type() {
         properties = properties.with_content_type(content_type.clone());
     }
-    if let Some(message_id) = original.message_id() {
+    if let Some(message_id) = original.properties.message_id() {
         properties = properties.with_message_id(message_id.clone());
     }
-    if let Some(timestamp) = original.timestamp() {
+    if let Some(timestamp) = original.properties.timestamp() {
         properties = properties.with_timestamp(*timestamp);
     }
     let stored = async {
-        context
-            .dead_letters
+        channel
             .basic_publish(
                 "".into(),
                 DEAD_LETTER_QUEUE.into(),
@@ -171,7 +222,7 @@ async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &Deliver
                     mandatory: true,
                     ..Default::default()
                 },
-                &delivery.data,
+                &original.data,
                 properties,
             )
             .await?
@@ -179,17 +230,13 @@ async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &Deliver
     }
     .await;
     match stored {
-        Ok(lapin::Confirmation::Ack(None)) => ack(&delivery).await,
+        Ok(lapin::Confirmation::Ack(None)) => {
+            metrics::counter!(names::USAGE_DEAD_LETTERED_TOTAL).increment(1);
+            true
+        }
         outcome => {
-            tracing::warn!(?outcome, "dead letter not stored; handing the message back");
-            tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            tracing::warn!(?outcome, "dead letter not stored; the message comes again");
+            false
         }
     }
 }

@@ -1,0 +1,179 @@
+//! Hostile input and faults: counters at their ceiling, poison events the database refuses.
+
+use std::time::Duration;
+
+use sea_orm::{ActiveModelTrait, ConnectionTrait, Set};
+use serde_json::json;
+
+use crate::common::broker::BrokerClient;
+use crate::helpers::{at, eventually, spawn_app_with_broker, TestApp};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn wait_for_stored_usage(app: &TestApp, id: i64, expected: i64) {
+    eventually(WAIT, &format!("key {id} to reach {expected}"), || async {
+        (app.stored_usage(id).await == expected).then_some(())
+    })
+    .await;
+}
+
+fn queued_messages(app: &TestApp) -> u64 {
+    crate::common::queued_messages(&app.vhost.as_ref().expect("a broker test").name)
+}
+
+/// Collects dead letters until `count` have arrived: (body, reason).
+async fn dead_letters(client: &BrokerClient, count: usize) -> Vec<(serde_json::Value, String)> {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut letters = Vec::new();
+    while letters.len() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {count} dead letters, got {letters:?}"
+        );
+        for (body, reason) in client.drain_dead_letters().await {
+            letters.push((serde_json::from_slice(&body).expect("JSON bodies"), reason));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    letters
+}
+
+/// The database refuses two events for good (a counter and a history row would pass
+/// `i64::MAX`; the actor's stale view let them through): each is found by splitting the batch
+/// and dead-lettered with the reason; every other event of the lane commits.
+#[actix_web::test]
+async fn events_the_database_refuses_are_dead_lettered_and_the_lane_keeps_committing() {
+    let app = spawn_app_with_broker(|settings| {
+        // One lane: the victim and the bystander share a writer, as in the report.
+        settings.ingest.writers = 1;
+    })
+    .await;
+    app.create_key("victim", json!({"id": 1})).await;
+    app.create_key("bystander", json!({"id": 2})).await;
+    let client = BrokerClient::connect(&app.settings.amqp.url).await;
+    client
+        .publish_usage(
+            1,
+            &json!({"event_id": "warm", "api_key_id": 1, "tokens": 1}),
+        )
+        .await;
+    wait_for_stored_usage(&app, 1, 1).await;
+    // Behind the resident actor's back, as an operator repairing with SQL would.
+    app.db
+        .execute_unprepared(&format!(
+            "UPDATE api_keys SET tokens_used_this_month = {}, counter_version = counter_version + 1 WHERE id = 1",
+            i64::MAX - 1
+        ))
+        .await
+        .expect("the database answers");
+    entity::usage_history::ActiveModel {
+        api_key_id: Set(1),
+        period_start: Set(at("2026-10-01T00:00:00Z")),
+        period_end: Set(at("2026-11-01T00:00:00Z")),
+        tokens: Set(i64::MAX - 5),
+        ..Default::default()
+    }
+    .insert(&app.db)
+    .await
+    .expect("a history row");
+
+    for i in 0..50 {
+        client
+            .publish_usage(
+                2,
+                &json!({"event_id": format!("b{i}"), "api_key_id": 2, "tokens": 10}),
+            )
+            .await;
+        match i {
+            10 => {
+                client
+                    .publish_usage(
+                        1,
+                        &json!({"event_id": "over-now", "api_key_id": 1, "tokens": 10}),
+                    )
+                    .await
+            }
+            20 => {
+                client
+                    .publish_usage(
+                        1,
+                        &json!({"event_id": "over-late", "api_key_id": 1, "tokens": 10,
+                                "occurred_at": "2026-10-15T00:00:00Z"}),
+                    )
+                    .await
+            }
+            30 => {
+                client
+                    .publish_usage(
+                        1,
+                        &json!({"event_id": "fits", "api_key_id": 1, "tokens": 1}),
+                    )
+                    .await
+            }
+            _ => {}
+        }
+    }
+    wait_for_stored_usage(&app, 2, 500).await;
+    wait_for_stored_usage(&app, 1, i64::MAX).await;
+    let mut letters = dead_letters(&client, 2).await;
+    letters.sort_by_key(|(body, _)| body["event_id"].as_str().unwrap_or_default().to_string());
+    assert_eq!(letters[0].0["event_id"], "over-late");
+    assert!(
+        letters[0].1.contains("out of range"),
+        "the database's reason: {}",
+        letters[0].1
+    );
+    assert_eq!(letters[1].0["event_id"], "over-now");
+    assert!(
+        letters[1].1.contains("would pass 9223372036854775807"),
+        "the reason names the ceiling: {}",
+        letters[1].1
+    );
+    eventually(WAIT, "every message acknowledged", || async {
+        (queued_messages(&app) == 0).then_some(())
+    })
+    .await;
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "a refusal is not an outage");
+    let mut client = client;
+    let reply = client.check(1, None).await;
+    assert_eq!(
+        reply["allowed"], false,
+        "a key at its ceiling is denied: {reply}"
+    );
+    assert_eq!(reply["status"], 429);
+    assert_eq!(reply["tokens_used_this_month"], i64::MAX);
+}
+
+/// A key the actor knows to be near the ceiling: the event that would pass it is dead-lettered
+/// before it reaches the database, and the counter never wraps.
+#[actix_web::test]
+async fn an_event_that_would_pass_the_ceiling_is_dead_lettered_and_the_key_denied() {
+    let app = spawn_app_with_broker(|_| {}).await;
+    app.create_key("alice", json!({"id": 7})).await;
+    app.set_usage(7, i64::MAX - 1_500_000_000_000).await;
+    let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
+    for (event_id, tokens) in [
+        ("a", 1_000_000_000_000_i64),
+        ("b", 1_000_000_000_000),
+        ("c", 500_000_000_000),
+    ] {
+        client
+            .publish_usage(
+                7,
+                &json!({"event_id": event_id, "api_key_id": 7, "tokens": tokens}),
+            )
+            .await;
+    }
+    wait_for_stored_usage(&app, 7, i64::MAX).await;
+    let letters = dead_letters(&client, 1).await;
+    assert_eq!(letters[0].0["event_id"], "b");
+    assert!(letters[0].1.contains("would pass"), "{}", letters[0].1);
+    let reply = client.check(7, None).await;
+    assert_eq!(reply["allowed"], false, "{reply}");
+    assert_eq!(reply["tokens_used_this_month"], i64::MAX);
+    assert!(reply["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("maximum"));
+}

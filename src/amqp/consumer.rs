@@ -9,6 +9,7 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 
 use super::acks::{AckSequencer, DeadLetterStore, PendingAck};
+use super::replies::{validate_reply_to, ReplyChannel};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
 use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
@@ -27,8 +28,8 @@ const PERSISTENT: u8 = 2;
 pub struct DeliveryContext {
     pub registry: KeyRegistry,
     pub writer: BatchWriterHandle,
-    /// Plain channel for check replies.
-    pub replies: Channel,
+    /// The lane's channel for check replies, reopened if the broker closes it.
+    pub replies: ReplyChannel,
     /// Channel in confirm mode: a refused message is acknowledged only once its dead letter is stored.
     pub dead_letters: Channel,
     pub clock: SharedClock,
@@ -85,6 +86,13 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
         ack(&delivery).await;
         return;
     };
+    if let Err(invalid) = validate_reply_to(reply_to.as_str()) {
+        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "invalid_reply_to")
+            .increment(1);
+        tracing::debug!(reply_to = %reply_to, reason = %invalid, "check request dropped");
+        ack(&delivery).await;
+        return;
+    }
     let reply = match decode_check_request(&delivery.data) {
         Ok(request) => match context
             .registry
@@ -104,13 +112,9 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
     if let Some(correlation_id) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
-    let publish = context.replies.basic_publish(
-        "".into(),
-        reply_to,
-        BasicPublishOptions::default(),
-        &body,
-        properties,
-    );
+    let publish = context
+        .replies
+        .publish(reply_to.as_str(), &body, properties);
     // Both frames are handed to lapin in this order on the first poll and written together: the
     // reply goes out before the ack, without waiting for the reply's write to be reported first.
     let (published, ()) = futures::future::join(publish, ack(&delivery)).await;

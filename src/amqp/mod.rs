@@ -3,6 +3,7 @@
 pub mod acks;
 pub mod consumer;
 pub mod publish;
+pub mod replies;
 pub mod topology;
 
 use std::sync::Arc;
@@ -175,7 +176,7 @@ impl AmqpService {
 /// as in a bare echo server; one connection for all shards on the main thread put every check
 /// through three or four (BENCHMARKS.md). One lane per arbiter spreads the shards over the cores.
 struct Lane {
-    connection: Connection,
+    connection: Arc<Connection>,
     /// Each shard channel with its consumer tag, to cancel on shutdown.
     consumers: Vec<(Channel, String)>,
     /// One per shard channel: its acknowledgements in delivery order.
@@ -213,18 +214,20 @@ async fn connect_lane(
     plan: LanePlan,
 ) -> Result<(Lane, Vec<impl std::future::Future<Output = ()> + Send>), lapin::Error> {
     let settings = &plan.settings;
-    let connection = Connection::connect(
-        &with_heartbeat(&settings.url, settings.heartbeat_secs),
-        ConnectionProperties::default()
-            .with_connection_name(format!("quota-keeper-{}", plan.index).as_str().into()),
-    )
-    .await?;
+    let connection = Arc::new(
+        Connection::connect(
+            &with_heartbeat(&settings.url, settings.heartbeat_secs),
+            ConnectionProperties::default()
+                .with_connection_name(format!("quota-keeper-{}", plan.index).as_str().into()),
+        )
+        .await?,
+    );
     if plan.declare_topology {
         let setup = connection.create_channel().await?;
         topology::declare(&setup, settings.shards).await?;
         let _ = setup.close(200, "declared".into()).await;
     }
-    let replies = connection.create_channel().await?;
+    let replies = replies::ReplyChannel::open(Arc::clone(&connection)).await?;
     let dead_letters = connection.create_channel().await?;
     dead_letters
         .confirm_select(ConfirmSelectOptions::default())

@@ -177,3 +177,92 @@ async fn an_event_that_would_pass_the_ceiling_is_dead_lettered_and_the_key_denie
         .unwrap_or_default()
         .contains("maximum"));
 }
+
+/// The service's connections to `vhost`, by broker process id: a session restart replaces them.
+fn connection_pids(vhost: &str) -> Vec<String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "vhost",
+            "pid",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    let mut pids: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (connection_vhost, pid) = line.split_once(char::is_whitespace)?;
+            (connection_vhost == vhost).then(|| pid.trim().to_string())
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn dropped_for_invalid_reply_to(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("quota_check_requests_dropped_total")
+                && line.contains("reason=\"invalid_reply_to\"")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Checks naming a direct reply-to the broker cannot decode are dropped and counted: nothing is
+/// published to them, the session goes on, and the next honest check is answered.
+#[actix_web::test]
+async fn crafted_reply_to_names_are_dropped_without_ending_the_session() {
+    let app = spawn_app_with_broker(|_| {}).await;
+    app.create_key("alice", json!({"id": 5})).await;
+    let vhost = app.vhost.as_ref().expect("a broker test").name.clone();
+    let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
+    // Answered once first, so the service's connections are settled before they are compared.
+    assert_eq!(client.check(5, None).await["status"], 200);
+    let connections_before = connection_pids(&vhost);
+    assert!(!connections_before.is_empty());
+    let dropped_before = dropped_for_invalid_reply_to(&app.metrics_text().await);
+
+    let connection = lapin::Connection::connect(
+        &app.settings.amqp.url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("the test vhost accepts guest");
+    let attacker = connection.create_channel().await.expect("a channel");
+    for i in 0..20 {
+        attacker
+            .basic_publish(
+                "quota.check".into(),
+                "5".into(),
+                lapin::options::BasicPublishOptions::default(),
+                br#"{"api_key_id": 5}"#,
+                lapin::BasicProperties::default()
+                    .with_reply_to("amq.rabbitmq.reply-to.g1h2AA==.zzz".into())
+                    .with_correlation_id(format!("crafted-{i}").as_str().into())
+                    .with_priority(1),
+            )
+            .await
+            .expect("published");
+    }
+    eventually(WAIT, "20 crafted checks dropped", || async {
+        let dropped = dropped_for_invalid_reply_to(&app.metrics_text().await);
+        (dropped >= dropped_before + 20).then_some(())
+    })
+    .await;
+    assert_eq!(client.check(5, Some(1)).await["status"], 200);
+    let connections_after = connection_pids(&vhost);
+    assert!(
+        connections_before
+            .iter()
+            .all(|pid| connections_after.contains(pid)),
+        "the service kept its broker connections: {connections_before:?} then {connections_after:?}"
+    );
+    assert_eq!(
+        app.readiness.broker(),
+        quota_keeper::readiness::BrokerState::Consuming
+    );
+}

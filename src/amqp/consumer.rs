@@ -50,7 +50,12 @@ pub fn handle_delivery(
         // Published straight to a shard queue: a request names where to reply, an event does not.
         _ => delivery.properties.reply_to().is_some(),
     };
-    let usage = (!is_check).then(|| decode_usage_event(&delivery.data, context.clock.now()));
+    let usage = (!is_check).then(|| {
+        decode_usage_event(&delivery.data, context.clock.now()).and_then(|event| {
+            routed_by_key(&delivery, event.api_key_id)?;
+            Ok(event)
+        })
+    });
     let counted = match &usage {
         Some(Ok(event)) if event.tokens != 0 => Some(
             acks.register(delivery.delivery_tag, delivery.acker.clone())
@@ -68,6 +73,25 @@ pub fn handle_delivery(
             }
             (Some(Err(rejection)), _) => dead_letter(delivery, rejection, &context).await,
         }
+    }
+}
+
+/// SPEC §2: the routing key is the body's `api_key_id`, since it decides which shard, and so
+/// which instance, gets the message; a mismatch would reach an instance that does not own the key.
+/// A message published straight to a queue through the default exchange has the queue's name as
+/// routing key and is not checked (README, "Choices").
+fn routed_by_key(delivery: &Delivery, api_key_id: i64) -> Result<(), Rejection> {
+    if delivery.exchange.as_str().is_empty() {
+        return Ok(());
+    }
+    let routing_key = delivery.routing_key.as_str();
+    // The decimal form exactly: `042` or `+42` hash to other shards than `42`.
+    if routing_key == api_key_id.to_string() {
+        Ok(())
+    } else {
+        Err(Rejection::new(format!(
+            "routing key {routing_key:?} is not the api_key_id {api_key_id}"
+        )))
     }
 }
 
@@ -93,7 +117,11 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
         ack(&delivery).await;
         return;
     }
-    let reply = match decode_check_request(&delivery.data) {
+    let request = decode_check_request(&delivery.data).and_then(|request| {
+        routed_by_key(&delivery, request.api_key_id)?;
+        Ok(request)
+    });
+    let reply = match request {
         Ok(request) => match context
             .registry
             .check(request.api_key_id, request.tokens)

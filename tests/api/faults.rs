@@ -266,3 +266,42 @@ async fn crafted_reply_to_names_are_dropped_without_ending_the_session() {
         quota_keeper::readiness::BrokerState::Consuming
     );
 }
+
+/// SPEC §2: a usage event or check whose routing key is not its `api_key_id` is refused.
+#[actix_web::test]
+async fn a_routing_key_other_than_the_key_id_is_refused() {
+    let app = spawn_app_with_broker(|_| {}).await;
+    app.create_key("alice", json!({"id": 1})).await;
+    let mut client = BrokerClient::connect(&app.settings.amqp.url).await;
+    for routing_key in ["999", "01", "+1", ""] {
+        client
+            .publish(
+                "quota.usage",
+                routing_key,
+                format!(r#"{{"event_id": "r{routing_key}", "api_key_id": 1, "tokens": 7}}"#)
+                    .as_bytes(),
+            )
+            .await;
+    }
+    client
+        .publish_usage(
+            1,
+            &json!({"event_id": "right", "api_key_id": 1, "tokens": 5}),
+        )
+        .await;
+    wait_for_stored_usage(&app, 1, 5).await;
+    let letters = dead_letters(&client, 4).await;
+    for (body, reason) in &letters {
+        assert!(
+            reason.contains("is not the api_key_id 1"),
+            "{body}: {reason}"
+        );
+    }
+    let reply = client.check_raw("999", br#"{"api_key_id": 1}"#).await;
+    assert_eq!(reply["status"], 400, "{reply}");
+    assert!(reply["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("routing key \"999\""));
+    assert_eq!(client.check(1, None).await["tokens_used_this_month"], 5);
+}

@@ -305,3 +305,120 @@ async fn a_routing_key_other_than_the_key_id_is_refused() {
         .contains("routing key \"999\""));
     assert_eq!(client.check(1, None).await["tokens_used_this_month"], 5);
 }
+
+const JS_SAFE_MAX: i64 = 1 << 53;
+
+async fn status_of(request: reqwest::RequestBuilder) -> u16 {
+    request
+        .send()
+        .await
+        .expect("the app answers")
+        .status()
+        .as_u16()
+}
+
+/// Ids beyond 2^53 are refused; an explicit id (even the largest) never exhausts assignment.
+#[actix_web::test]
+async fn key_ids_stay_in_range_and_explicit_ids_never_exhaust_assignment() {
+    for backend in [
+        crate::helpers::Backend::Postgres,
+        crate::helpers::Backend::Sqlite,
+    ] {
+        let app = crate::helpers::spawn_app_on(backend, |_| {}).await;
+        let create = |body: serde_json::Value| {
+            app.admin(reqwest::Method::POST, "/users/z/apikeys")
+                .json(&body)
+        };
+        assert_eq!(status_of(create(json!({"id": JS_SAFE_MAX + 1}))).await, 422);
+        assert_eq!(status_of(create(json!({"id": i64::MAX}))).await, 422);
+        assert_eq!(status_of(create(json!({"id": JS_SAFE_MAX}))).await, 201);
+        let assigned = app.create_key("z", json!({})).await;
+        let assigned_id = assigned["id"].as_i64().expect("an id");
+        assert!(assigned_id >= 1, "{backend:?}: {assigned}");
+        for path in [
+            format!("/users/z/apikeys/{}", JS_SAFE_MAX + 1),
+            "/users/z/apikeys/99999999999999999999".to_string(),
+            format!("/keys/{}/usage", JS_SAFE_MAX + 1),
+        ] {
+            assert_eq!(
+                status_of(app.admin(reqwest::Method::GET, &path)).await,
+                422,
+                "{path}"
+            );
+        }
+        assert_eq!(
+            status_of(app.admin(reqwest::Method::POST, &format!("/keys/{}/check", i64::MAX))).await,
+            422
+        );
+        if matches!(backend, crate::helpers::Backend::Postgres) {
+            // The sequence was not moved by the explicit id: assignment starts low and skips
+            // ids taken explicitly on its way.
+            assert_eq!(assigned_id, 1);
+            app.create_key("z", json!({"id": 2})).await;
+            app.create_key("z", json!({"id": 3})).await;
+            assert_eq!(app.create_key("z", json!({})).await["id"], 4);
+            assert_eq!(app.create_key("z", json!({})).await["id"], 5);
+        }
+    }
+}
+
+/// Usernames with NUL or bytes that are not UTF-8 are 422 on every admin route, never 503; the
+/// Basic scheme name is case-insensitive.
+#[actix_web::test]
+async fn hostile_usernames_are_422_and_the_auth_scheme_is_case_insensitive() {
+    let app = crate::helpers::spawn_app().await;
+    app.create_key("alice", json!({"id": 1})).await;
+    for username in ["bad%00name", "bad%FFname", "%C3%28"] {
+        for (method, path) in [
+            (reqwest::Method::GET, format!("/users/{username}/apikeys")),
+            (reqwest::Method::POST, format!("/users/{username}/apikeys")),
+            (reqwest::Method::GET, format!("/users/{username}/apikeys/1")),
+            (
+                reqwest::Method::DELETE,
+                format!("/users/{username}/apikeys/1"),
+            ),
+        ] {
+            let response = app.admin(method.clone(), &path).send().await.unwrap();
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.expect("a JSON body");
+            assert_eq!(status, 422, "{method} {path}: {body}");
+        }
+    }
+    use base64_helper::encode;
+    for scheme in ["basic", "BASIC", "Basic"] {
+        let credentials = encode(&format!("admin:{}", crate::helpers::ADMIN_PASSWORD));
+        let response = app
+            .client
+            .get(app.url("/users/alice/apikeys"))
+            .header("Authorization", format!("{scheme} {credentials}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "scheme {scheme}");
+    }
+}
+
+mod base64_helper {
+    /// Standard base64 with padding, enough for a Basic header.
+    pub fn encode(text: &str) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in text.as_bytes().chunks(3) {
+            let bytes = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let group = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]);
+            for index in 0..4 {
+                if index <= chunk.len() {
+                    out.push(ALPHABET[(group >> (18 - 6 * index) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}

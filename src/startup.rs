@@ -48,6 +48,10 @@ pub struct Application {
 impl Application {
     /// Connects the database (applying migrations), starts the actors and binds HTTP.
     pub async fn build(settings: Settings, clock: SharedClock) -> anyhow::Result<Application> {
+        // Bound first: a port in use must stop the start before any actor or task exists (an
+        // actor started and then dropped with the failed start panicked outside the runtime).
+        let listener = TcpListener::bind(&settings.http.bind)
+            .with_context(|| format!("Failed to bind HTTP on {}", settings.http.bind))?;
         let db = db::connect_and_migrate(&settings.database)
             .await
             .context("Failed to open the database and apply migrations")?;
@@ -110,8 +114,6 @@ impl Application {
             readiness: readiness.clone(),
             registry: registry.clone(),
         });
-        let listener = TcpListener::bind(&settings.http.bind)
-            .with_context(|| format!("Failed to bind HTTP on {}", settings.http.bind))?;
         let port = listener
             .local_addr()
             .context("Failed to read the bound address")?

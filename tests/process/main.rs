@@ -10,3 +10,4 @@ mod crashes;
 mod harness;
 mod outages;
 mod soak;
+mod startup;

@@ -31,6 +31,9 @@ const SHUTDOWN_BUDGET: Duration = Duration::from_secs(9);
 const WRITER_AND_HTTP_RESERVE: Duration = Duration::from_secs(3);
 /// Kept back from the writer's share for the HTTP stop.
 const HTTP_RESERVE: Duration = Duration::from_secs(1);
+/// Longest a client may take to send a request's head (actix's `client_request_timeout`; the
+/// body has `http::body::BODY_READ_TIMEOUT`). Answered 408.
+const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A built, listening application.
 pub struct Application {
@@ -133,6 +136,7 @@ impl Application {
         })
         // Signals are handled by `run_until_stopped`, which flushes before the server stops.
         .disable_signals()
+        .client_request_timeout(REQUEST_HEAD_TIMEOUT)
         .shutdown_timeout(5);
         if settings.http.workers > 0 {
             server = server.workers(settings.http.workers);

@@ -422,3 +422,32 @@ mod base64_helper {
         out
     }
 }
+
+/// A request whose promised body never comes is answered 408 once the body-read timeout is
+/// over, and its connection closed, instead of being held until the client gives up.
+#[actix_web::test]
+async fn a_body_that_never_comes_is_answered_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = crate::helpers::spawn_app().await;
+    let address = app.address.trim_start_matches("http://").to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let credentials = base64_helper::encode(&format!("admin:{}", crate::helpers::ADMIN_PASSWORD));
+    let head = format!(
+        "POST /users/alice/apikeys HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {credentials}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"desc"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let limit = quota_keeper::http::body::BODY_READ_TIMEOUT + Duration::from_secs(5);
+    let mut response = Vec::new();
+    // Reads until the service closes the connection; the deadline fails the test otherwise.
+    tokio::time::timeout(limit, stream.read_to_end(&mut response))
+        .await
+        .expect("the service answers and closes within the body-read timeout")
+        .expect("the connection reads");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(
+        started.elapsed() >= quota_keeper::http::body::BODY_READ_TIMEOUT - Duration::from_secs(1)
+    );
+}

@@ -149,6 +149,11 @@ impl AmqpService {
         *backoff = FIRST_RECONNECT_BACKOFF;
 
         let end = tokio::select! {
+            // Shutdown first: it also stops every shard loop, and when the last one has dropped
+            // its sender `shard_ended` yields `None` too; left to chance, the select then took
+            // that for lost consumers and skipped the flush, leaving committed events
+            // unacknowledged (1 stop in 20 under load).
+            biased;
             _ = self.shutdown.cancelled() => {
                 // Stop new deliveries, let received ones reach the writer, commit, acknowledge, close.
                 for (channel, tag) in lanes.iter().flat_map(|lane| &lane.consumers) {

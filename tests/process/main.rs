@@ -9,5 +9,6 @@ mod common;
 mod crashes;
 mod harness;
 mod outages;
+mod shutdown;
 mod soak;
 mod startup;

@@ -260,8 +260,45 @@ async fn apply_batch(
             .counters
             .extend(add_to_counters(txn, &increments).await?);
     }
+    if backend == DbBackend::Sqlite {
+        history_fits_on_sqlite(txn, &history).await?;
+    }
     add_to_history(txn, &history).await?;
     Ok(outcome)
+}
+
+/// SQLite turns an integer sum that overflows into a float instead of failing, so a history row
+/// would silently stop being an integer; refuse like PostgreSQL's `bigint out of range` instead.
+async fn history_fits_on_sqlite(
+    txn: &impl ConnectionTrait,
+    history: &BTreeMap<(i64, Window), i64>,
+) -> Result<(), BatchError> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let keys: BTreeSet<i64> = history.keys().map(|(key_id, _)| *key_id).collect();
+    let stored = usage_history::Entity::find()
+        .filter(usage_history::Column::ApiKeyId.is_in(keys))
+        .all(txn)
+        .await?;
+    for row in stored {
+        let window = Window {
+            start: row.period_start,
+            end: row.period_end,
+        };
+        if let Some(tokens) = history.get(&(row.api_key_id, window)) {
+            if row.tokens.checked_add(*tokens).is_none() {
+                return Err(BatchError::Refused(format!(
+                    "history of key {} for {} would pass {} ({} + {tokens})",
+                    row.api_key_id,
+                    crate::domain::quota::format_instant(window.start),
+                    i64::MAX,
+                    row.tokens
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn counter_of(row: &api_keys::Model) -> CommittedCounter {

@@ -451,3 +451,110 @@ async fn a_body_that_never_comes_is_answered_408() {
         started.elapsed() >= quota_keeper::http::body::BODY_READ_TIMEOUT - Duration::from_secs(1)
     );
 }
+
+/// Straight against each database: a batch that would overflow a history row is refused (not
+/// reported as an outage), and the refusal names the reason; the same event alone on a key
+/// with room commits.
+#[actix_web::test]
+async fn the_database_refusing_a_batch_is_told_from_an_outage_on_both_backends() {
+    use quota_keeper::db::usage::{commit_batch, BatchError};
+    use quota_keeper::domain::usage::UsageEvent;
+    for backend in [
+        crate::helpers::Backend::Postgres,
+        crate::helpers::Backend::Sqlite,
+    ] {
+        let app = crate::helpers::spawn_app_on(backend, |_| {}).await;
+        app.create_key("z", json!({"id": 1})).await;
+        app.create_key("z", json!({"id": 2})).await;
+        entity::usage_history::ActiveModel {
+            api_key_id: Set(1),
+            period_start: Set(at("2026-10-01T00:00:00Z")),
+            period_end: Set(at("2026-11-01T00:00:00Z")),
+            tokens: Set(i64::MAX - 5),
+            ..Default::default()
+        }
+        .insert(&app.db)
+        .await
+        .expect("a history row");
+        let late = |event_id: &str, api_key_id: i64| UsageEvent {
+            event_id: event_id.into(),
+            api_key_id,
+            tokens: 10,
+            occurred_at: at("2026-10-15T00:00:00Z"),
+        };
+        let poison = late("poison", 1);
+        let fine = late("fine", 2);
+        let refused = commit_batch(&app.db, &[&fine, &poison], crate::helpers::test_now()).await;
+        match refused {
+            Err(BatchError::Refused(reason)) => {
+                // PostgreSQL refuses it itself (SQLSTATE 22003); SQLite would store a float, so
+                // the writer checks first.
+                let expected = match backend {
+                    crate::helpers::Backend::Postgres => "(22003): bigint out of range",
+                    crate::helpers::Backend::Sqlite => "would pass 9223372036854775807",
+                };
+                assert!(reason.contains(expected), "{backend:?}: {reason}");
+            }
+            other => panic!("{backend:?}: expected a refusal, got {other:?}"),
+        }
+        let committed = commit_batch(&app.db, &[&fine], crate::helpers::test_now())
+            .await
+            .expect("the event alone commits");
+        assert_eq!(committed.late, 1, "{backend:?}");
+    }
+}
+
+/// An error that passes (here a lock not granted in time, SQLSTATE 55P03) is an outage, not a
+/// refusal: the writer retries the whole batch and acknowledges nothing.
+#[actix_web::test]
+async fn a_passing_database_error_is_an_outage_not_a_refusal() {
+    use quota_keeper::db::usage::{commit_batch, BatchError};
+    use quota_keeper::domain::usage::UsageEvent;
+    use sea_orm::TransactionTrait;
+    let app = crate::helpers::spawn_app().await;
+    app.create_key("z", json!({"id": 1})).await;
+    let database_name = app
+        .settings
+        .database
+        .url
+        .rsplit('/')
+        .next()
+        .expect("a database name")
+        .to_string();
+    app.db
+        .execute_unprepared(&format!(
+            "ALTER DATABASE {database_name} SET lock_timeout = '200ms'"
+        ))
+        .await
+        .expect("the database answers");
+    // Opened after the change, so its sessions carry the lock timeout.
+    let writer = quota_keeper::db::connect(&quota_keeper::settings::DatabaseSettings {
+        url: app.settings.database.url.clone(),
+        max_connections: 1,
+    })
+    .await
+    .expect("a pool");
+    let holder = app.db.begin().await.expect("a transaction");
+    holder
+        .execute_unprepared("SELECT id FROM api_keys WHERE id = 1 FOR UPDATE")
+        .await
+        .expect("the row is locked");
+    let event = UsageEvent {
+        event_id: "e".into(),
+        api_key_id: 1,
+        tokens: 10,
+        occurred_at: crate::helpers::test_now(),
+    };
+    let outcome = commit_batch(&writer, &[&event], crate::helpers::test_now()).await;
+    holder.rollback().await.expect("released");
+    match outcome {
+        Err(BatchError::Unavailable(error)) => {
+            assert!(error.to_string().contains("lock"), "{error}")
+        }
+        other => panic!("expected an outage, got {other:?}"),
+    }
+    let committed = commit_batch(&writer, &[&event], crate::helpers::test_now())
+        .await
+        .expect("commits once the lock is free");
+    assert_eq!(committed.counted, 1);
+}

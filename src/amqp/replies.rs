@@ -127,10 +127,15 @@ pub struct ReplyChannel {
 impl ReplyChannel {
     pub async fn open(connection: Arc<Connection>) -> Result<ReplyChannel, lapin::Error> {
         let channel = connection.create_channel().await?;
-        Ok(ReplyChannel {
+        Ok(ReplyChannel::with_channel(connection, channel))
+    }
+
+    /// Starts with `channel`, a channel of `connection`.
+    pub fn with_channel(connection: Arc<Connection>, channel: Channel) -> ReplyChannel {
+        ReplyChannel {
             connection,
             channel: tokio::sync::Mutex::new(channel),
-        })
+        }
     }
 
     /// Publishes one reply to the default exchange; the caller validated `reply_to`.

@@ -558,3 +558,45 @@ async fn a_passing_database_error_is_an_outage_not_a_refusal() {
         .expect("commits once the lock is free");
     assert_eq!(committed.counted, 1);
 }
+
+/// A reply channel that was closed (the broker closes a channel on a channel error) is replaced
+/// by the next reply, on the same connection.
+#[actix_web::test]
+async fn a_closed_reply_channel_is_reopened() {
+    use quota_keeper::amqp::replies::ReplyChannel;
+    let vhost = crate::helpers::TestVhost::create();
+    let connection = std::sync::Arc::new(
+        lapin::Connection::connect(&vhost.url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("the test vhost accepts guest"),
+    );
+    let setup = connection.create_channel().await.expect("a channel");
+    setup
+        .queue_declare(
+            "replies".into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("a queue");
+    let first = connection.create_channel().await.expect("a channel");
+    let replies = ReplyChannel::with_channel(std::sync::Arc::clone(&connection), first.clone());
+    first.close(200, "gone".into()).await.expect("closed");
+    assert!(!first.status().connected());
+    replies
+        .publish("replies", b"answer", lapin::BasicProperties::default())
+        .await
+        .expect("published through a new channel");
+    let delivered = eventually(WAIT, "the reply in its queue", || async {
+        setup
+            .basic_get(
+                "replies".into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("the setup channel is open")
+            .map(|message| message.delivery.data.clone())
+    })
+    .await;
+    assert_eq!(delivered, b"answer");
+}

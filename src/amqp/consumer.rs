@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel};
 
 use super::acks::{AckSequencer, DeadLetterStore, PendingAck};
@@ -57,16 +57,19 @@ pub fn handle_delivery(
         })
     });
     let counted = match &usage {
-        Some(Ok(event)) if event.tokens != 0 => Some(
-            acks.register(delivery.delivery_tag, delivery.acker.clone())
-                .with_dead_letter(dead_letter_store(&delivery, &context)),
-        ),
+        Some(Ok(event)) if event.tokens != 0 => {
+            Some(acks.register(delivery.delivery_tag, delivery.acker.clone()))
+        }
         _ => None,
     };
     async move {
         match (usage, counted) {
             (None, _) => answer_check(delivery, &context).await,
-            (Some(Ok(event)), Some(ack)) => take_usage(event, ack, &context).await,
+            (Some(Ok(event)), Some(ack)) => {
+                // The delivery's body moves into the way to refuse it later: no copy per event.
+                let ack = ack.with_dead_letter(dead_letter_store(delivery, &context));
+                take_usage(event, ack, &context).await
+            }
             (Some(Ok(_)), None) => {
                 metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
                 ack(&delivery).await;
@@ -85,8 +88,10 @@ fn routed_by_key(delivery: &Delivery, api_key_id: i64) -> Result<(), Rejection> 
         return Ok(());
     }
     let routing_key = delivery.routing_key.as_str();
-    // The decimal form exactly: `042` or `+42` hash to other shards than `42`.
-    if routing_key == api_key_id.to_string() {
+    // The decimal form exactly (`042` or `+42` hash to other shards than `42`), without
+    // formatting the id on every delivery.
+    let canonical = !routing_key.starts_with(['0', '+']);
+    if canonical && routing_key.parse::<i64>() == Ok(api_key_id) {
         Ok(())
     } else {
         Err(Rejection::new(format!(
@@ -202,7 +207,7 @@ async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &Deliver
 struct DeadLetter {
     data: Vec<u8>,
     properties: BasicProperties,
-    exchange: String,
+    exchange: ShortString,
 }
 
 impl DeadLetter {
@@ -210,14 +215,19 @@ impl DeadLetter {
         DeadLetter {
             data: delivery.data.clone(),
             properties: delivery.properties.clone(),
-            exchange: delivery.exchange.as_str().to_string(),
+            exchange: delivery.exchange.clone(),
         }
     }
 }
 
-/// How the batch writer refuses a delivery it already took in: the same dead letter, later.
-fn dead_letter_store(delivery: &Delivery, context: &DeliveryContext) -> DeadLetterStore {
-    let original = DeadLetter::of(delivery);
+/// How a delivery already taken in is refused later (the actor or the database will not count
+/// it): the same dead letter as a malformed message gets.
+fn dead_letter_store(delivery: Delivery, context: &DeliveryContext) -> DeadLetterStore {
+    let original = DeadLetter {
+        data: delivery.data,
+        properties: delivery.properties,
+        exchange: delivery.exchange,
+    };
     let channel = context.dead_letters.clone();
     Box::new(move |reason| Box::pin(store_dead_letter(channel, original, reason)))
 }
@@ -229,7 +239,7 @@ async fn store_dead_letter(channel: Channel, original: DeadLetter, reason: Strin
     headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(reason.into()));
     headers.insert(
         "x-quota-original-exchange".into(),
-        AMQPValue::LongString(original.exchange.into()),
+        AMQPValue::LongString(original.exchange.as_str().into()),
     );
     // A fresh set of properties: the original's `expiration` must not make the dead letter expire.
     let mut properties = BasicProperties::default()

@@ -203,7 +203,16 @@ async fn apply_batch(
                 current_delta += tokens;
             } else {
                 outcome.late += count;
-                *history.entry((key_id, *window)).or_default() += tokens;
+                // A window just closed may hold up to `i64::MAX` already.
+                let archived = history.entry((key_id, *window)).or_default();
+                *archived = archived.checked_add(*tokens).ok_or_else(|| {
+                    BatchError::Refused(format!(
+                        "history of key {key_id} for {} would pass {} ({} + {tokens})",
+                        crate::domain::quota::format_instant(window.start),
+                        i64::MAX,
+                        *archived
+                    ))
+                })?;
             }
         }
         // Checked here rather than left to the database: SQLite turns an overflowing sum into a

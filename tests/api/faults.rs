@@ -600,3 +600,40 @@ async fn a_closed_reply_channel_is_reopened() {
     .await;
     assert_eq!(delivered, b"answer");
 }
+
+/// A key rolled over by the batch with its closed window near the ceiling, plus a late event for
+/// that window in the same batch: refused (never a wrapped or panicking sum), the rest commits.
+#[actix_web::test]
+async fn a_late_event_on_top_of_a_full_closed_window_is_refused() {
+    use quota_keeper::db::usage::{commit_batch, BatchError};
+    use quota_keeper::domain::usage::UsageEvent;
+    for backend in [
+        crate::helpers::Backend::Postgres,
+        crate::helpers::Backend::Sqlite,
+    ] {
+        let app = crate::helpers::spawn_app_on(backend, |_| {}).await;
+        app.create_key("z", json!({"id": 1})).await;
+        app.set_usage(1, i64::MAX - 5).await;
+        let event = |event_id: &str, occurred_at: &str| UsageEvent {
+            event_id: event_id.into(),
+            api_key_id: 1,
+            tokens: 10,
+            occurred_at: at(occurred_at),
+        };
+        let late = event("late", "2026-11-20T00:00:00Z");
+        let current = event("current", "2026-12-02T00:00:00Z");
+        // December: November (at MAX - 5) closes in this very batch.
+        let december = at("2026-12-02T00:00:00Z");
+        match commit_batch(&app.db, &[&current, &late], december).await {
+            Err(BatchError::Refused(reason)) => {
+                assert!(reason.contains("would pass"), "{backend:?}: {reason}")
+            }
+            other => panic!("{backend:?}: expected a refusal, got {other:?}"),
+        }
+        let outcome = commit_batch(&app.db, &[&current], december)
+            .await
+            .expect("the current event alone commits");
+        assert_eq!(outcome.counted, 1, "{backend:?}");
+        assert_eq!(app.stored_usage(1).await, 10, "{backend:?}");
+    }
+}

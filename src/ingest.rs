@@ -12,7 +12,7 @@ use crate::actors::key_actor::{PendingTicket, UsageCommitted};
 use crate::actors::registry::KeyRegistry;
 use crate::amqp::acks::{PendingAck, Settlement};
 use crate::clock::SharedClock;
-use crate::db::usage::{commit_batch, BatchOutcome};
+use crate::db::usage::{commit_batch, BatchError, BatchOutcome};
 use crate::domain::usage::UsageEvent;
 use crate::metrics as names;
 use crate::readiness::Readiness;
@@ -142,37 +142,83 @@ impl BatchWriter {
         }
     }
 
-    /// Commits one batch (retrying until the database takes it), informs the actors, then settles
-    /// its deliveries.
+    /// Commits one batch (retrying while the database is unavailable), informs the actors, then
+    /// settles its deliveries. A batch the database refuses for good is split in halves until
+    /// the refused events are alone; those are dead-lettered with the database's reason and the
+    /// rest commit, so one poison event never stalls its lane.
     async fn commit(&self, batch: Vec<ConsumedEvent>) {
-        if batch.is_empty() {
-            return;
+        // Parts still to commit, the next one on top; in delivery order.
+        let mut parts = vec![batch];
+        while let Some(mut part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            match self.commit_part(&part).await {
+                Ok(outcome) => {
+                    record_outcome(&outcome);
+                    // Only now may the broker forget these deliveries. An ack that fails (channel
+                    // lost) means a redelivery, which the event ids already committed turn into
+                    // a duplicate.
+                    for ack in self.inform_actors(part, &outcome) {
+                        ack.settle(Settlement::Ack);
+                    }
+                }
+                Err(reason) if part.len() == 1 => {
+                    let refused = part.remove(0);
+                    self.refuse(refused, reason).await;
+                }
+                Err(reason) => {
+                    tracing::info!(%reason, events = part.len(), "usage batch refused; splitting it to find the refused events");
+                    let second_half = part.split_off(part.len() / 2);
+                    parts.push(second_half);
+                    parts.push(part);
+                }
+            }
         }
-        let events: Vec<&UsageEvent> = batch.iter().map(|consumed| &consumed.event).collect();
+    }
+
+    /// Commits one part, retrying with backoff while the database is unavailable; `Err` with
+    /// the database's reason when it refuses the part.
+    async fn commit_part(&self, part: &[ConsumedEvent]) -> Result<BatchOutcome, String> {
+        let events: Vec<&UsageEvent> = part.iter().map(|consumed| &consumed.event).collect();
         let mut backoff = FIRST_RETRY_BACKOFF;
-        let outcome = loop {
+        loop {
             let started = std::time::Instant::now();
             match commit_batch(&self.db, &events, self.clock.now()).await {
                 Ok(outcome) => {
                     metrics::histogram!(names::BATCH_COMMIT_SECONDS)
                         .record(started.elapsed().as_secs_f64());
                     self.readiness.set_database_error(None);
-                    break outcome;
+                    return Ok(outcome);
                 }
-                Err(error) => {
+                // The database answered: it is up, whatever it thinks of these events.
+                Err(BatchError::Refused(reason)) => {
+                    self.readiness.set_database_error(None);
+                    return Err(reason);
+                }
+                Err(BatchError::Unavailable(error)) => {
                     tracing::warn!(%error, events = events.len(), retry_in_ms = backoff.as_millis() as u64, "usage batch not committed; retrying");
                     self.readiness.set_database_error(Some(error.to_string()));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
                 }
             }
-        };
-        record_outcome(&outcome);
-        // Only now may the broker forget these deliveries. An ack that fails (channel lost) means
-        // a redelivery, which the event ids already committed turn into a duplicate.
-        for ack in self.inform_actors(batch, &outcome) {
-            ack.settle(Settlement::Ack);
         }
+    }
+
+    /// Dead-letters one event the database refuses, releasing the tokens its actor holds for it.
+    async fn refuse(&self, refused: ConsumedEvent, reason: String) {
+        tracing::warn!(%reason, event_id = %refused.event.event_id, api_key_id = refused.event.api_key_id, "usage event refused by the database; dead-lettering it");
+        if let Some(ticket) = refused.ticket {
+            self.registry.notify_committed(
+                refused.event.api_key_id,
+                UsageCommitted {
+                    released: vec![ticket],
+                    counter: None,
+                },
+            );
+        }
+        refused.ack.dead_letter(reason).await;
     }
 
     /// Sends each key's actor its committed counter and releases its pending tickets; returns

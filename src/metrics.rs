@@ -35,7 +35,7 @@ pub const CHECK_OUTCOMES: &[&str] = &[
 /// Every `outcome` of `quota_usage_events_total` (set by the batch writer and the AMQP consumer).
 pub const USAGE_EVENT_OUTCOMES: &[&str] = &["counted", "duplicate", "late", "zero"];
 /// Every `reason` of `quota_check_requests_dropped_total`.
-pub const CHECK_DROP_REASONS: &[&str] = &["no_reply_to"];
+pub const CHECK_DROP_REASONS: &[&str] = &["no_reply_to", "invalid_reply_to"];
 /// Every `kind` of `quota_forwarded_requests_total` (set in `Owners`).
 pub const FORWARDED_KINDS: &[&str] = &["check", "refresh"];
 /// Every `outcome` of `quota_forwarded_requests_total`.

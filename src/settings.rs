@@ -248,6 +248,14 @@ impl Settings {
         if !(self.amqp.url.starts_with("amqp://") || self.amqp.url.starts_with("amqps://")) {
             return Err(invalid("amqp.url", "must start with amqp://"));
         }
+        // Parsed as the client will parse it, so a malformed URL stops the start instead of
+        // being retried forever as if the broker were down.
+        if let Err(problem) = self.amqp.url.parse::<lapin::uri::AMQPUri>() {
+            return Err(invalid(
+                "amqp.url",
+                format!("is not a valid AMQP URL: {problem}"),
+            ));
+        }
         if !(1..=999).contains(&self.amqp.shards) {
             return Err(invalid("amqp.shards", "must be between 1 and 999"));
         }
@@ -333,6 +341,18 @@ mod tests {
         assert_eq!(settings.admin.password, None);
         assert_eq!(settings.scheduler.interval_ms, 60_000);
         assert_eq!(settings.check.unknown_key, UnknownKeyPolicy::Allow);
+    }
+
+    #[test]
+    fn a_malformed_broker_url_is_refused_naming_the_key() {
+        let mut settings = Settings::default();
+        for url in ["amqp://:::", "amqp://guest:guest@127.0.0.1:99999/%2f"] {
+            settings.amqp.url = url.into();
+            let error = settings.validate().unwrap_err().to_string();
+            assert!(error.contains("amqp.url"), "{url}: {error}");
+        }
+        settings.amqp.url = "amqp://guest:guest@127.0.0.1:5672/qk_vhost?heartbeat=5".into();
+        assert!(settings.validate().is_ok());
     }
 
     #[test]

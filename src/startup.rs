@@ -34,6 +34,9 @@ const SHUTDOWN_BUDGET: Duration = Duration::from_secs(9);
 const WRITER_AND_HTTP_RESERVE: Duration = Duration::from_secs(3);
 /// Kept back from the writer's share for the HTTP stop.
 const HTTP_RESERVE: Duration = Duration::from_secs(1);
+/// Longest a client may take to send a request's head (actix's `client_request_timeout`; the
+/// body has `http::body::BODY_READ_TIMEOUT`). Answered 408.
+const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A built, listening application.
 pub struct Application {
@@ -51,6 +54,10 @@ pub struct Application {
 impl Application {
     /// Connects the database (applying migrations), starts the actors and binds HTTP.
     pub async fn build(settings: Settings, clock: SharedClock) -> anyhow::Result<Application> {
+        // Bound first: a port in use must stop the start before any actor or task exists (an
+        // actor started and then dropped with the failed start panicked outside the runtime).
+        let listener = TcpListener::bind(&settings.http.bind)
+            .with_context(|| format!("Failed to bind HTTP on {}", settings.http.bind))?;
         // First: every family is registered at 0 and what is built below records into it.
         let metrics = crate::metrics::prometheus_handle();
         let db = db::connect_and_migrate(&settings.database)
@@ -129,8 +136,6 @@ impl Application {
             owners: Owners::new(registry.clone(), forwarder),
             ownership: ownership.clone(),
         });
-        let listener = TcpListener::bind(&settings.http.bind)
-            .with_context(|| format!("Failed to bind HTTP on {}", settings.http.bind))?;
         let port = listener
             .local_addr()
             .context("Failed to read the bound address")?
@@ -150,6 +155,7 @@ impl Application {
         })
         // Signals are handled by `run_until_stopped`, which flushes before the server stops.
         .disable_signals()
+        .client_request_timeout(REQUEST_HEAD_TIMEOUT)
         .shutdown_timeout(5);
         if settings.http.workers > 0 {
             server = server.workers(settings.http.workers);

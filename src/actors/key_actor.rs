@@ -78,6 +78,8 @@ pub enum UsageRecorded {
     NotPending,
     /// The key does not exist.
     UnknownKey,
+    /// Counting it would take the key's counter past `i64::MAX`: refuse the event.
+    WouldOverflow { used: i64 },
 }
 
 /// A batch committed: release its pending tokens and adopt the committed counter.
@@ -145,9 +147,21 @@ impl Resident {
     fn view(&self) -> QuotaState {
         QuotaState {
             quota: self.quota,
-            used: self.committed + self.pending,
+            // Never wraps: `record` keeps the sum in range, and a committed counter adopted from
+            // the database is at most `i64::MAX` itself.
+            used: self.committed.saturating_add(self.pending),
             reset_at: instant_of(self.reset_at),
         }
+    }
+
+    /// Adds tokens consumed but not yet committed, unless the counter would pass `i64::MAX`.
+    fn record(&mut self, tokens: i64) -> Result<(), UsageRecorded> {
+        let used = self.committed.saturating_add(self.pending);
+        if used.checked_add(tokens).is_none() {
+            return Err(UsageRecorded::WouldOverflow { used });
+        }
+        self.pending += tokens;
+        Ok(())
     }
 
     /// Lazy rollover: a lapsed window starts afresh (pending tokens belong to the closed one).
@@ -364,7 +378,9 @@ impl Handler<RecordUsage> for KeyActor {
         if msg.tokens == 0 || !in_current_window {
             return Ok(UsageRecorded::NotPending);
         }
-        resident.pending += msg.tokens;
+        if let Err(refused) = resident.record(msg.tokens) {
+            return Ok(refused);
+        }
         Ok(UsageRecorded::Pending(PendingTicket {
             generation,
             window_end: instant_of(resident.reset_at),
@@ -479,5 +495,65 @@ impl Handler<StopKeyActor> for KeyActor {
 
     fn handle(&mut self, _: StopKeyActor, ctx: &mut Self::Context) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A usage event taken in, or the oldest pending one committed (the database adding it).
+    #[derive(Clone, Debug)]
+    enum Step {
+        Record(i64),
+        CommitOldest,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0..=crate::domain::usage::MAX_EVENT_TOKENS).prop_map(Step::Record),
+            (0..=i64::MAX).prop_map(Step::Record),
+            Just(Step::CommitOldest),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn no_sequence_of_events_lowers_or_wraps_a_counter(
+            start in prop_oneof![0..=i64::MAX, (i64::MAX - 4_000_000_000_000)..=i64::MAX],
+            steps in proptest::collection::vec(step(), 1..60),
+        ) {
+            let mut resident = Resident {
+                quota: None,
+                committed: start,
+                pending: 0,
+                reset_at: 1_796_083_200,
+                version: 1,
+            };
+            let mut pending_events = std::collections::VecDeque::new();
+            let mut before = resident.view().used;
+            for step in steps {
+                match step {
+                    Step::Record(tokens) => match resident.record(tokens) {
+                        Ok(()) => pending_events.push_back(tokens),
+                        Err(refused) => prop_assert!(
+                            matches!(refused, UsageRecorded::WouldOverflow { .. }),
+                            "only an overflow is refused"
+                        ),
+                    },
+                    Step::CommitOldest => {
+                        if let Some(tokens) = pending_events.pop_front() {
+                            resident.pending -= tokens;
+                            resident.committed += tokens;
+                        }
+                    }
+                }
+                let used = resident.view().used;
+                prop_assert!(used >= 0, "counter went negative: {used}");
+                prop_assert!(used >= before, "counter went down from {before} to {used}");
+                before = used;
+            }
+        }
     }
 }

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+use futures::future::BoxFuture;
 use lapin::options::BasicAckOptions;
 use lapin::Acker;
 use tokio::sync::{mpsc, oneshot};
@@ -43,18 +44,48 @@ pub struct AckSequencer {
     commands: mpsc::UnboundedSender<Command>,
 }
 
+/// Stores a refused delivery, with the reason, where refused messages go; resolves to `true`
+/// once that copy is safely stored (so the original may be acknowledged).
+pub type DeadLetterStore = Box<dyn FnOnce(String) -> BoxFuture<'static, bool> + Send + Sync>;
+
 /// A registered usage delivery; settle it exactly once. Dropping it unsettled abandons it, so a
 /// lost delivery never holds back the acknowledgements of the ones after it.
 pub struct PendingAck {
     sequencer: AckSequencer,
     tag: u64,
     settled: bool,
+    /// How to refuse the delivery after it was taken in (e.g. the database will never take it).
+    dead_letter: Option<DeadLetterStore>,
 }
 
 impl PendingAck {
     pub fn settle(mut self, settlement: Settlement) {
         self.settled = true;
         self.sequencer.send(Command::Settle(self.tag, settlement));
+    }
+
+    /// Gives the delivery a way to be refused with [`PendingAck::dead_letter`].
+    pub fn with_dead_letter(mut self, store: DeadLetterStore) -> PendingAck {
+        self.dead_letter = Some(store);
+        self
+    }
+
+    /// Refuses the delivery: stores it as a dead letter with `reason`, then acknowledges it in
+    /// its turn. If it cannot be stored (or has no store), it is abandoned and comes again once
+    /// its channel closes, to be refused again.
+    pub async fn dead_letter(mut self, reason: String) {
+        let stored = match self.dead_letter.take() {
+            Some(store) => store(reason).await,
+            None => {
+                tracing::warn!(%reason, "a refused usage delivery has no dead-letter store; abandoned");
+                false
+            }
+        };
+        self.settle(if stored {
+            Settlement::Ack
+        } else {
+            Settlement::Abandon
+        });
     }
 }
 
@@ -82,6 +113,7 @@ impl AckSequencer {
             sequencer: self.clone(),
             tag: delivery_tag,
             settled: false,
+            dead_letter: None,
         }
     }
 

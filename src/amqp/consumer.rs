@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel};
 
-use super::acks::{AckSequencer, PendingAck};
+use super::acks::{AckSequencer, DeadLetterStore, PendingAck};
 use super::control::{self, InternalRequest};
+use super::replies::{validate_reply_to, ReplyChannel};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
 use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
@@ -28,8 +29,8 @@ const PERSISTENT: u8 = 2;
 pub struct DeliveryContext {
     pub registry: KeyRegistry,
     pub writer: BatchWriterHandle,
-    /// Plain channel for check replies.
-    pub replies: Channel,
+    /// The lane's channel for check replies, reopened if the broker closes it.
+    pub replies: Arc<ReplyChannel>,
     /// Channel in confirm mode: a refused message is acknowledged only once its dead letter is stored.
     pub dead_letters: Channel,
     pub clock: SharedClock,
@@ -51,8 +52,12 @@ pub fn handle_delivery(
         // Published straight to a shard queue: a request names where to reply, an event does not.
         _ => delivery.properties.reply_to().is_some(),
     };
-    let usage = (!is_check && internal.is_none())
-        .then(|| decode_usage_event(&delivery.data, context.clock.now()));
+    let usage = (!is_check && internal.is_none()).then(|| {
+        decode_usage_event(&delivery.data, context.clock.now()).and_then(|event| {
+            routed_by_key(&delivery, event.api_key_id)?;
+            Ok(event)
+        })
+    });
     let counted = match &usage {
         Some(Ok(event)) if event.tokens != 0 => {
             Some(acks.register(delivery.delivery_tag, delivery.acker.clone()))
@@ -65,13 +70,38 @@ pub fn handle_delivery(
             (Some(InternalRequest::Probe), _, _) => ack(&delivery).await,
             (Some(InternalRequest::Refresh), _, _) => answer_refresh(delivery, &context).await,
             (None, None, _) => answer_check(delivery, &context).await,
-            (None, Some(Ok(event)), Some(ack)) => take_usage(event, ack, &context).await,
+            (None, Some(Ok(event)), Some(ack)) => {
+                // The delivery's body moves into the way to refuse it later: no copy per event.
+                let ack = ack.with_dead_letter(dead_letter_store(delivery, &context));
+                take_usage(event, ack, &context).await
+            }
             (None, Some(Ok(_)), None) => {
                 metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
                 ack(&delivery).await;
             }
             (None, Some(Err(rejection)), _) => dead_letter(delivery, rejection, &context).await,
         }
+    }
+}
+
+/// SPEC §2: the routing key is the body's `api_key_id`, since it decides which shard, and so
+/// which instance, gets the message; a mismatch would reach an instance that does not own the key.
+/// A message published straight to a queue through the default exchange has the queue's name as
+/// routing key and is not checked (README, "Choices").
+fn routed_by_key(delivery: &Delivery, api_key_id: i64) -> Result<(), Rejection> {
+    if delivery.exchange.as_str().is_empty() {
+        return Ok(());
+    }
+    let routing_key = delivery.routing_key.as_str();
+    // The decimal form exactly (`042` or `+42` hash to other shards than `42`), without
+    // formatting the id on every delivery.
+    let canonical = !routing_key.starts_with(['0', '+']);
+    if canonical && routing_key.parse::<i64>() == Ok(api_key_id) {
+        Ok(())
+    } else {
+        Err(Rejection::new(format!(
+            "routing key {routing_key:?} is not the api_key_id {api_key_id}"
+        )))
     }
 }
 
@@ -83,14 +113,25 @@ async fn ack(delivery: &Delivery) {
 
 /// Answers a check to its `reply_to`, echoing `correlation_id`; acknowledges after replying.
 async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
-    if delivery.properties.reply_to().is_none() {
+    let Some(reply_to) = delivery.properties.reply_to().clone() else {
         metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "no_reply_to")
             .increment(1);
         tracing::debug!("check request without reply_to dropped");
         ack(&delivery).await;
         return;
+    };
+    if let Err(invalid) = validate_reply_to(reply_to.as_str()) {
+        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "invalid_reply_to")
+            .increment(1);
+        tracing::debug!(reply_to = %reply_to, reason = %invalid, "check request dropped");
+        ack(&delivery).await;
+        return;
     }
-    let reply = match decode_check_request(&delivery.data) {
+    let request = decode_check_request(&delivery.data).and_then(|request| {
+        routed_by_key(&delivery, request.api_key_id)?;
+        Ok(request)
+    });
+    let reply = match request {
         Ok(request) => match context
             .registry
             .check(request.api_key_id, request.tokens)
@@ -116,17 +157,20 @@ async fn reply_and_ack(delivery: &Delivery, context: &DeliveryContext, body: Vec
         ack(delivery).await;
         return;
     };
+    // A reply to a name the broker cannot decode would close the whole connection.
+    if validate_reply_to(reply_to.as_str()).is_err() {
+        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "invalid_reply_to")
+            .increment(1);
+        ack(delivery).await;
+        return;
+    }
     let mut properties = BasicProperties::default().with_content_type("application/json".into());
     if let Some(correlation_id) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
-    let publish = context.replies.basic_publish(
-        "".into(),
-        reply_to,
-        BasicPublishOptions::default(),
-        &body,
-        properties,
-    );
+    let publish = context
+        .replies
+        .publish(reply_to.as_str(), &body, properties);
     // Both frames are handed to lapin in this order on the first poll and written together: the
     // reply goes out before the ack, without waiting for the reply's write to be reported first.
     let (published, ()) = futures::future::join(publish, ack(delivery)).await;
@@ -162,6 +206,16 @@ async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContex
         .await
     {
         Ok(UsageRecorded::Pending(ticket)) => Some(ticket),
+        Ok(UsageRecorded::WouldOverflow { used }) => {
+            let reason = Rejection::new(format!(
+                "tokens_used_this_month of key {} would pass {} ({used} + {})",
+                event.api_key_id,
+                i64::MAX,
+                event.tokens
+            ));
+            ack.dead_letter(reason.to_string()).await;
+            return;
+        }
         // The actor's "unknown" may be a few seconds old (a key just created elsewhere), and a key
         // that could not be loaded may exist: the batch writer decides against the database.
         Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_) => None,
@@ -171,34 +225,79 @@ async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContex
 
 /// Stores the message in `quota.usage.dead` with the reason, then acknowledges the original.
 async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &DeliveryContext) {
-    tracing::info!(reason = %rejection, "usage message dead-lettered");
-    metrics::counter!(names::USAGE_DEAD_LETTERED_TOTAL).increment(1);
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ERROR_HEADER.into(),
-        AMQPValue::LongString(rejection.to_string().into()),
-    );
+    let stored = store_dead_letter(
+        context.dead_letters.clone(),
+        DeadLetter::of(&delivery),
+        rejection.to_string(),
+    )
+    .await;
+    if stored {
+        ack(&delivery).await;
+    } else {
+        tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;
+        let _ = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
+    }
+}
+
+/// What a dead letter keeps of the original delivery.
+struct DeadLetter {
+    data: Vec<u8>,
+    properties: BasicProperties,
+    exchange: ShortString,
+}
+
+impl DeadLetter {
+    fn of(delivery: &Delivery) -> DeadLetter {
+        DeadLetter {
+            data: delivery.data.clone(),
+            properties: delivery.properties.clone(),
+            exchange: delivery.exchange.clone(),
+        }
+    }
+}
+
+/// How a delivery already taken in is refused later (the actor or the database will not count
+/// it): the same dead letter as a malformed message gets.
+fn dead_letter_store(delivery: Delivery, context: &DeliveryContext) -> DeadLetterStore {
+    let original = DeadLetter {
+        data: delivery.data,
+        properties: delivery.properties,
+        exchange: delivery.exchange,
+    };
+    let channel = context.dead_letters.clone();
+    Box::new(move |reason| Box::pin(store_dead_letter(channel, original, reason)))
+}
+
+/// Publishes the message to `quota.usage.dead` with the reason; `true` once the broker confirmed it.
+async fn store_dead_letter(channel: Channel, original: DeadLetter, reason: String) -> bool {
+    tracing::info!(%reason, "usage message dead-lettered");
+    let mut headers = original.properties.headers().clone().unwrap_or_default();
+    headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(reason.into()));
     headers.insert(
         "x-quota-original-exchange".into(),
-        AMQPValue::LongString(delivery.exchange.as_str().into()),
+        AMQPValue::LongString(original.exchange.as_str().into()),
     );
     // A fresh set of properties: the original's `expiration` must not make the dead letter expire.
-    let original = &delivery.properties;
     let mut properties = BasicProperties::default()
         .with_headers(headers)
         .with_delivery_mode(PERSISTENT);
-    if let Some(content_type) = original.content_type() {
+    if let Some(content_type) = original.properties.content_type() {
         properties = properties.with_content_type(content_type.clone());
     }
-    if let Some(message_id) = original.message_id() {
+    if let Some(message_id) = original.properties.message_id() {
         properties = properties.with_message_id(message_id.clone());
     }
-    if let Some(timestamp) = original.timestamp() {
+    if let Some(timestamp) = original.properties.timestamp() {
         properties = properties.with_timestamp(*timestamp);
     }
     let stored = async {
-        context
-            .dead_letters
+        channel
             .basic_publish(
                 "".into(),
                 DEAD_LETTER_QUEUE.into(),
@@ -207,7 +306,7 @@ async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &Deliver
                     mandatory: true,
                     ..Default::default()
                 },
-                &delivery.data,
+                &original.data,
                 properties,
             )
             .await?
@@ -215,17 +314,13 @@ async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &Deliver
     }
     .await;
     match stored {
-        Ok(lapin::Confirmation::Ack(None)) => ack(&delivery).await,
+        Ok(lapin::Confirmation::Ack(None)) => {
+            metrics::counter!(names::USAGE_DEAD_LETTERED_TOTAL).increment(1);
+            true
+        }
         outcome => {
-            tracing::warn!(?outcome, "dead letter not stored; handing the message back");
-            tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            tracing::warn!(?outcome, "dead letter not stored; the message comes again");
+            false
         }
     }
 }

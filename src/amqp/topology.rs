@@ -22,8 +22,7 @@ pub const ERROR_HEADER: &str = "x-quota-error";
 /// The one queue of every key when the broker lacks the consistent-hash exchange type.
 pub const SINGLE_QUEUE: &str = "quota.shard.all";
 /// The command that gives a stock RabbitMQ the consistent-hash exchange type.
-pub const ENABLE_PLUGIN_COMMAND: &str =
-    "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange";
+pub const ENABLE_PLUGIN_COMMAND: &str = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange";
 
 /// How usage and checks reach the instance that owns their key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

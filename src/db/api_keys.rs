@@ -37,6 +37,15 @@ pub enum CreateKeyError {
     Database(#[from] DbErr),
 }
 
+/// Most runs of ids taken by explicit creates that one assignment skips before giving up.
+const MAX_ASSIGNMENT_SKIPS: usize = 64;
+
+/// SQL moving the id sequence to the end of the run of taken ids that starts at `$1`, so its
+/// next value is free (as far as this run goes).
+const SKIP_TAKEN_IDS: &str = "SELECT setval(pg_get_serial_sequence('api_keys', 'id'), \
+     (SELECT MIN(taken.id) FROM api_keys AS taken WHERE taken.id >= $1 \
+      AND NOT EXISTS (SELECT 1 FROM api_keys AS next WHERE next.id = taken.id + 1)))";
+
 /// Inserts a key whose first window is the one containing `now`.
 pub async fn create_key(
     db: &impl ConnectionTrait,
@@ -52,13 +61,17 @@ pub async fn create_key(
         quota_reset_at: Set(next_window_start(now)),
         ..Default::default()
     };
-    if let Some(id) = new_key.id {
+    let explicit_id = new_key.id;
+    if let Some(id) = explicit_id {
         row.id = Set(id);
+    }
+    if explicit_id.is_none() && db.get_database_backend() == DbBackend::Postgres {
+        return insert_with_assigned_id(db, row).await;
     }
     let created = match row.insert(db).await {
         Ok(model) => model,
         Err(error) => {
-            return match (error.sql_err(), new_key.id) {
+            return match (error.sql_err(), explicit_id) {
                 (Some(SqlErr::UniqueConstraintViolation(_)), Some(id)) => {
                     Err(CreateKeyError::IdTaken(id))
                 }
@@ -66,16 +79,43 @@ pub async fn create_key(
             }
         }
     };
-    if new_key.id.is_some() && db.get_database_backend() == DbBackend::Postgres {
-        // An explicit id does not advance the serial sequence; move it past the largest id
-        // so the next assigned id cannot collide.
-        db.execute_raw(Statement::from_string(
-            DbBackend::Postgres,
-            "SELECT setval(pg_get_serial_sequence('api_keys', 'id'), GREATEST((SELECT MAX(id) FROM api_keys), 1))",
-        ))
-        .await?;
-    }
     Ok(created)
+}
+
+/// PostgreSQL: inserts `row` with the next id of the sequence. Explicit ids never move the
+/// sequence (one near the top of the range would exhaust assignment for good); instead, an
+/// assigned id that an explicit create already took makes the sequence skip that run of taken
+/// ids, and the insert is tried again.
+async fn insert_with_assigned_id(
+    db: &impl ConnectionTrait,
+    mut row: ActiveModel,
+) -> Result<Model, CreateKeyError> {
+    for _ in 0..MAX_ASSIGNMENT_SKIPS {
+        let next = db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT nextval(pg_get_serial_sequence('api_keys', 'id'))",
+            ))
+            .await?
+            .ok_or_else(|| DbErr::Custom("nextval returned no row".into()))?
+            .try_get_by_index::<i64>(0)?;
+        row.id = Set(next);
+        match row.clone().insert(db).await {
+            Ok(created) => return Ok(created),
+            Err(error) if matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                db.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    SKIP_TAKEN_IDS,
+                    [next.into()],
+                ))
+                .await?;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(CreateKeyError::Database(DbErr::Custom(format!(
+        "no free API key id after skipping {MAX_ASSIGNMENT_SKIPS} runs of taken ids"
+    ))))
 }
 
 pub async fn find_key(db: &impl ConnectionTrait, id: i64) -> Result<Option<Model>, DbErr> {

@@ -9,7 +9,7 @@ use sea_orm::sea_query::{
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Statement, TransactionSession, TransactionTrait,
+    QuerySelect, RuntimeErr, Statement, TransactionSession, TransactionTrait,
 };
 
 use crate::domain::quota::QuotaState;
@@ -41,12 +41,77 @@ pub struct BatchOutcome {
     pub counters: Vec<CommittedCounter>,
 }
 
+/// Why a batch did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The database answered and will refuse these events however often they are retried (a
+    /// value out of range, a constraint): some event of the batch is poison.
+    #[error("{0}")]
+    Refused(String),
+    /// The database could not be reached or gave up for a passing reason: retry as it is.
+    #[error(transparent)]
+    Unavailable(DbErr),
+}
+
+impl From<DbErr> for BatchError {
+    fn from(error: DbErr) -> Self {
+        match refusal_reason(&error) {
+            Some(reason) => BatchError::Refused(reason),
+            None => BatchError::Unavailable(error),
+        }
+    }
+}
+
+/// The database's own message when `error` is a refusal of the data rather than an outage:
+/// on PostgreSQL SQLSTATE classes 22 (data exception, e.g. `bigint out of range`) and 23
+/// (integrity constraint); on SQLite a constraint, a value too big or a type mismatch. Anything
+/// else (I/O, pool timeouts, shutdown, serialization failures, deadlocks) is retried.
+fn refusal_reason(error: &DbErr) -> Option<String> {
+    let (DbErr::Exec(RuntimeErr::SqlxError(driver)) | DbErr::Query(RuntimeErr::SqlxError(driver))) =
+        error
+    else {
+        return None;
+    };
+    let sea_orm::sqlx::Error::Database(database) = driver.as_ref() else {
+        return None;
+    };
+    let code = database.code()?;
+    let refused = if database
+        .try_downcast_ref::<sea_orm::sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        code.starts_with("22") || code.starts_with("23")
+    } else if database
+        .try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        // Extended result codes carry the primary code in their low byte.
+        const SQLITE_TOOBIG: i64 = 18;
+        const SQLITE_CONSTRAINT: i64 = 19;
+        const SQLITE_MISMATCH: i64 = 20;
+        code.parse::<i64>().is_ok_and(|extended| {
+            matches!(
+                extended & 0xff,
+                SQLITE_TOOBIG | SQLITE_CONSTRAINT | SQLITE_MISMATCH
+            )
+        })
+    } else {
+        false
+    };
+    refused.then(|| {
+        format!(
+            "database refused the batch ({code}): {}",
+            database.message()
+        )
+    })
+}
+
 /// Commits `events` at `now` in one transaction; see the module doc for the steps.
 pub async fn commit_batch<C>(
     db: &C,
     events: &[&UsageEvent],
     now: DateTime<Utc>,
-) -> Result<BatchOutcome, DbErr>
+) -> Result<BatchOutcome, BatchError>
 where
     C: TransactionTrait,
 {
@@ -60,7 +125,7 @@ async fn apply_batch(
     txn: &impl ConnectionTrait,
     events: &[&UsageEvent],
     now: DateTime<Utc>,
-) -> Result<BatchOutcome, DbErr> {
+) -> Result<BatchOutcome, BatchError> {
     let mut outcome = BatchOutcome::default();
     // 1. Dedupe inside the batch, then against every id ever committed: only newly inserted ids count.
     let mut seen = HashSet::with_capacity(events.len());
@@ -138,8 +203,26 @@ async fn apply_batch(
                 current_delta += tokens;
             } else {
                 outcome.late += count;
-                *history.entry((key_id, *window)).or_default() += tokens;
+                // A window just closed may hold up to `i64::MAX` already.
+                let archived = history.entry((key_id, *window)).or_default();
+                *archived = archived.checked_add(*tokens).ok_or_else(|| {
+                    BatchError::Refused(format!(
+                        "history of key {key_id} for {} would pass {} ({} + {tokens})",
+                        crate::domain::quota::format_instant(window.start),
+                        i64::MAX,
+                        *archived
+                    ))
+                })?;
             }
+        }
+        // Checked here rather than left to the database: SQLite turns an overflowing sum into a
+        // float instead of failing, and the message names the key.
+        if closed.is_none() && state.used.checked_add(current_delta).is_none() {
+            return Err(BatchError::Refused(format!(
+                "tokens_used_this_month of key {key_id} would pass {} ({} + {current_delta})",
+                i64::MAX,
+                state.used
+            )));
         }
         if closed.is_some() {
             rolled.push(CommittedCounter {
@@ -186,8 +269,45 @@ async fn apply_batch(
             .counters
             .extend(add_to_counters(txn, &increments).await?);
     }
+    if backend == DbBackend::Sqlite {
+        history_fits_on_sqlite(txn, &history).await?;
+    }
     add_to_history(txn, &history).await?;
     Ok(outcome)
+}
+
+/// SQLite turns an integer sum that overflows into a float instead of failing, so a history row
+/// would silently stop being an integer; refuse like PostgreSQL's `bigint out of range` instead.
+async fn history_fits_on_sqlite(
+    txn: &impl ConnectionTrait,
+    history: &BTreeMap<(i64, Window), i64>,
+) -> Result<(), BatchError> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let keys: BTreeSet<i64> = history.keys().map(|(key_id, _)| *key_id).collect();
+    let stored = usage_history::Entity::find()
+        .filter(usage_history::Column::ApiKeyId.is_in(keys))
+        .all(txn)
+        .await?;
+    for row in stored {
+        let window = Window {
+            start: row.period_start,
+            end: row.period_end,
+        };
+        if let Some(tokens) = history.get(&(row.api_key_id, window)) {
+            if row.tokens.checked_add(*tokens).is_none() {
+                return Err(BatchError::Refused(format!(
+                    "history of key {} for {} would pass {} ({} + {tokens})",
+                    row.api_key_id,
+                    crate::domain::quota::format_instant(window.start),
+                    i64::MAX,
+                    row.tokens
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn counter_of(row: &api_keys::Model) -> CommittedCounter {

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::quota::{denial_detail, format_instant, QuotaState};
+use super::quota::{ceiling_detail, denial_detail, format_instant, QuotaState};
 use super::usage::{optional_count, required_key_id, Rejection};
 
 /// A validated check request.
@@ -59,6 +59,8 @@ impl CheckReply {
         let decision = state.decide(estimate);
         let (status, detail) = match (decision.allowed, state.quota) {
             (false, Some(quota)) => (429, Some(denial_detail(state.used, quota, state.reset_at))),
+            // Unlimited, yet denied: the counter is at its ceiling.
+            (false, None) => (429, Some(ceiling_detail(state.used, state.reset_at))),
             _ => (200, None),
         };
         CheckReply {

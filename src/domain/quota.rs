@@ -46,20 +46,40 @@ impl QuotaState {
         Some(closed)
     }
 
-    /// Allowed unless the quota is set and reached, or the estimate would exceed it.
+    /// Allowed unless the quota is set and reached, or the estimate would exceed it, or the
+    /// counter is at its ceiling.
     pub fn decide(&self, estimate: Option<i64>) -> Decision {
+        let at_ceiling = self.at_ceiling(estimate);
         let Some(quota) = self.quota else {
             return Decision {
-                allowed: true,
+                allowed: !at_ceiling,
                 remaining: None,
             };
         };
         let over_estimate = estimate.is_some_and(|tokens| self.used.saturating_add(tokens) > quota);
         Decision {
-            allowed: self.used < quota && !over_estimate,
+            allowed: self.used < quota && !over_estimate && !at_ceiling,
             remaining: Some((quota - self.used).max(0)),
         }
     }
+}
+
+impl QuotaState {
+    /// Whether the counter is at `i64::MAX`, or the estimate would take it past: no more usage
+    /// could be counted, so even an unlimited key is denied (the one exception to "unlimited keys
+    /// are always allowed", README "Choices").
+    pub fn at_ceiling(&self, estimate: Option<i64>) -> bool {
+        self.used == i64::MAX
+            || estimate.is_some_and(|tokens| self.used.checked_add(tokens).is_none())
+    }
+}
+
+/// The denial text of a key whose counter is at its ceiling.
+pub fn ceiling_detail(used: i64, reset_at: DateTime<Utc>) -> String {
+    format!(
+        "API key token counter is at its maximum ({used}); no more usage can be counted. Resets at {}.",
+        format_instant(reset_at)
+    )
 }
 
 /// RFC 3339 with whole seconds and `Z`, as the SPEC prints instants.
@@ -108,10 +128,18 @@ mod tests {
     }
 
     #[test]
-    fn unlimited_keys_are_always_allowed() {
-        let d = state(None, i64::MAX).decide(Some(i64::MAX));
+    fn unlimited_keys_are_allowed_below_the_ceiling() {
+        let d = state(None, i64::MAX - 1).decide(Some(1));
         assert!(d.allowed);
         assert_eq!(d.remaining, None);
+    }
+
+    #[test]
+    fn a_key_at_its_ceiling_is_denied() {
+        assert!(!state(None, i64::MAX).decide(None).allowed);
+        assert!(!state(None, i64::MAX - 1).decide(Some(2)).allowed);
+        assert!(!state(Some(i64::MAX), i64::MAX - 1).decide(Some(2)).allowed);
+        assert!(!state(Some(i64::MAX), i64::MAX).decide(None).allowed);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Usage events (SPEC §2.1): decoding and validation, each rejection with a short reason.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Map, Value};
 
 use super::check::parse_object;
 
 /// Largest token total one event may carry.
 pub const MAX_EVENT_TOKENS: i64 = 1_000_000_000_000;
+/// Earliest and latest years of an accepted `occurred_at` (in UTC).
+pub const MIN_OCCURRED_YEAR: i32 = 1970;
+pub const MAX_OCCURRED_YEAR: i32 = 9999;
 /// Longest accepted `event_id`, in characters.
 pub const MAX_EVENT_ID_CHARS: usize = 128;
 
@@ -75,11 +78,21 @@ pub fn decode_usage_event(
     }
     let occurred_at = match object.get("occurred_at") {
         None | Some(Value::Null) => received_at,
-        Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
-            .map_err(|error| {
-                Rejection::new(format!("occurred_at is not an RFC 3339 instant: {error}"))
-            })?
-            .with_timezone(&Utc),
+        Some(Value::String(text)) => {
+            let instant = DateTime::parse_from_rfc3339(text)
+                .map_err(|error| {
+                    Rejection::new(format!("occurred_at is not an RFC 3339 instant: {error}"))
+                })?
+                .with_timezone(&Utc);
+            // Windows and history rows are printed as RFC 3339, which has four-digit years only;
+            // before 1970 no usage of this service can have occurred.
+            if !(MIN_OCCURRED_YEAR..=MAX_OCCURRED_YEAR).contains(&instant.year()) {
+                return Err(Rejection::new(format!(
+                    "occurred_at must be in the years {MIN_OCCURRED_YEAR}-{MAX_OCCURRED_YEAR}, got {text}"
+                )));
+            }
+            instant
+        }
         Some(_) => return Err(Rejection::new("occurred_at must be an RFC 3339 string")),
     };
     Ok(UsageEvent {
@@ -210,6 +223,18 @@ mod tests {
             ),
             (br#"{"event_id": "a", "api_key_id": 1, "tokens": 1, "occurred_at": "yesterday"}"#, "occurred_at"),
             (br#"{"event_id": "a", "api_key_id": 1, "tokens": 1, "occurred_at": 5}"#, "occurred_at"),
+            (
+                br#"{"event_id": "a", "api_key_id": 1, "tokens": 1, "occurred_at": "0000-01-01T00:00:00Z"}"#,
+                "years 1970-9999",
+            ),
+            (
+                br#"{"event_id": "a", "api_key_id": 1, "tokens": 1, "occurred_at": "1969-12-31T23:59:59Z"}"#,
+                "years 1970-9999",
+            ),
+            (
+                br#"{"event_id": "a", "api_key_id": 1, "tokens": 1, "occurred_at": "9999-12-31T23:00:00-05:00"}"#,
+                "years 1970-9999",
+            ),
         ];
         for (body, reason) in cases {
             let error = decode_usage_event(body, now()).unwrap_err().to_string();

@@ -13,6 +13,9 @@ use crate::domain::quota::format_instant;
 
 /// Longest accepted username, the width of the `username` column.
 const MAX_USERNAME_CHARS: usize = 255;
+/// Largest key id accepted from a client: 2^53, the largest integer JavaScript clients read
+/// exactly from JSON (README, "Choices").
+pub const MAX_KEY_ID: i64 = 1 << 53;
 
 /// A key as the admin API shows it.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -85,9 +88,16 @@ fn checked_description(description: Option<String>) -> Result<Option<String>, Ap
     }
 }
 
+/// 1-255 printable characters. A path that was not UTF-8 once percent-decoded reaches here with
+/// U+FFFD in place of the bad bytes (actix decodes lossily), so that character is refused too.
 fn checked_username(username: &str) -> Result<(), ApiError> {
     let chars = username.chars().count();
-    if chars == 0 || chars > MAX_USERNAME_CHARS || username.chars().any(char::is_control) {
+    if chars == 0
+        || chars > MAX_USERNAME_CHARS
+        || username
+            .chars()
+            .any(|c| c.is_control() || c == char::REPLACEMENT_CHARACTER)
+    {
         return Err(ApiError::Unprocessable(format!(
             "username must be 1-{MAX_USERNAME_CHARS} printable characters"
         )));
@@ -95,13 +105,27 @@ fn checked_username(username: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Parses the `{id}` path segment.
+/// Parses the `{id}` path segment: not an integer ≥ 1 → 400, above [`MAX_KEY_ID`] → 422.
 pub fn parse_key_id(raw: &str) -> Result<i64, ApiError> {
+    let all_digits = !raw.is_empty() && raw.bytes().all(|byte| byte.is_ascii_digit());
     match raw.parse::<i64>() {
-        Ok(id) if id >= 1 => Ok(id),
+        Ok(id) if id >= 1 => checked_key_id(id),
+        // Digits only, yet no i64: far above the range.
+        Err(_) if all_digits => checked_key_id(i64::MAX),
         _ => Err(ApiError::BadRequest(format!(
             "API key id must be an integer >= 1, got {raw:?}"
         ))),
+    }
+}
+
+/// A key id within `1..=MAX_KEY_ID`.
+fn checked_key_id(id: i64) -> Result<i64, ApiError> {
+    if (1..=MAX_KEY_ID).contains(&id) {
+        Ok(id)
+    } else {
+        Err(ApiError::Unprocessable(format!(
+            "API key id must be between 1 and {MAX_KEY_ID}, got {id}"
+        )))
     }
 }
 
@@ -119,11 +143,7 @@ pub async fn create_key(
     checked_username(&username)?;
     let body: CreateKeyBody = parse_json(&read_body(payload, state.max_body_bytes).await?, true)?;
     if let Some(id) = body.id {
-        if id < 1 {
-            return Err(ApiError::Unprocessable(format!(
-                "id must be >= 1, got {id}"
-            )));
-        }
+        checked_key_id(id)?;
     }
     let new_key = NewKey {
         id: body.id,
@@ -151,6 +171,7 @@ pub async fn list_keys(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    checked_username(&path)?;
     let keys = api_keys::list_user_keys(&state.db, &path).await?;
     Ok(HttpResponse::Ok().json(keys.into_iter().map(KeyView::from).collect::<Vec<_>>()))
 }
@@ -161,6 +182,7 @@ pub async fn get_key(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (username, raw_id) = path.into_inner();
+    checked_username(&username)?;
     let id = parse_key_id(&raw_id)?;
     match api_keys::find_user_key(&state.db, &username, id).await? {
         Some(key) => Ok(HttpResponse::Ok().json(KeyView::from(key))),
@@ -175,6 +197,7 @@ pub async fn patch_key(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (username, raw_id) = path.into_inner();
+    checked_username(&username)?;
     let id = parse_key_id(&raw_id)?;
     let body: PatchKeyBody = parse_json(&read_body(payload, state.max_body_bytes).await?, false)?;
     let change = KeyChange {
@@ -203,6 +226,7 @@ pub async fn delete_key(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (username, raw_id) = path.into_inner();
+    checked_username(&username)?;
     let id = parse_key_id(&raw_id)?;
     if !state.owners.delete(&state.db, id, &username).await? {
         return Err(not_found(&username, id));

@@ -2,9 +2,9 @@
 
 use std::future::{ready, Ready};
 
-use actix_web::http::header::Header;
+use actix_web::http::header::{HeaderValue, AUTHORIZATION};
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
-use actix_web_httpauth::headers::authorization::{Authorization, Basic};
+use actix_web_httpauth::headers::authorization::{Basic, Scheme};
 use subtle::ConstantTimeEq;
 
 use super::errors::ApiError;
@@ -31,8 +31,7 @@ fn authenticate(req: &HttpRequest) -> Result<Admin, ApiError> {
     let Some(expected) = state.admin_password.as_deref() else {
         return Err(ApiError::AdminDisabled);
     };
-    let credentials = Authorization::<Basic>::parse(req).map_err(|_| ApiError::Unauthorized)?;
-    let basic = credentials.as_ref();
+    let basic = basic_credentials(req).ok_or(ApiError::Unauthorized)?;
     let user_matches = basic.user_id().as_bytes().ct_eq(ADMIN_USER.as_bytes());
     let password_matches = basic
         .password()
@@ -44,4 +43,16 @@ fn authenticate(req: &HttpRequest) -> Result<Admin, ApiError> {
     } else {
         Err(ApiError::Unauthorized)
     }
+}
+
+/// The Basic credentials of the request. The scheme name is case-insensitive (RFC 9110 §11.1),
+/// while the parser used here only knows `Basic`, so the scheme is normalized first.
+fn basic_credentials(req: &HttpRequest) -> Option<Basic> {
+    let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = header.trim_start().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let normalized = HeaderValue::from_str(&format!("Basic {}", credentials.trim())).ok()?;
+    Basic::parse(&normalized).ok()
 }

@@ -1,18 +1,27 @@
 //! Request bodies: read with a size limit, parse as JSON, malformed → 400, wrong shape → 422.
 
+use std::time::Duration;
+
 use actix_web::web;
 use serde::de::DeserializeOwned;
 
 use super::errors::ApiError;
 
-/// Reads the whole body, refusing more than `limit` bytes.
+/// Longest a request body may take to arrive once its headers are in (their own limit is
+/// actix's `client_request_timeout`, `startup::REQUEST_HEAD_TIMEOUT`). A client that promises a
+/// body and never sends it is answered 408 and its connection closed, instead of holding a
+/// worker's connection until the peer gives up.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the whole body, refusing more than `limit` bytes or taking longer than [`BODY_READ_TIMEOUT`].
 pub async fn read_body(payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
-    match payload.to_bytes_limited(limit).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(error)) => Err(ApiError::BadRequest(format!(
+    match tokio::time::timeout(BODY_READ_TIMEOUT, payload.to_bytes_limited(limit)).await {
+        Err(_) => Err(ApiError::RequestTimeout(BODY_READ_TIMEOUT)),
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Ok(Err(error))) => Err(ApiError::BadRequest(format!(
             "could not read the body: {error}"
         ))),
-        Err(_) => Err(ApiError::PayloadTooLarge(limit)),
+        Ok(Err(_)) => Err(ApiError::PayloadTooLarge(limit)),
     }
 }
 

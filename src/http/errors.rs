@@ -23,6 +23,8 @@ pub enum ApiError {
     AdminDisabled,
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("request body not received within {} s", .0.as_secs())]
+    RequestTimeout(std::time::Duration),
     /// The database could not answer; the client may retry.
     #[error("database unavailable, try again")]
     Database(#[from] DbErr),
@@ -49,6 +51,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

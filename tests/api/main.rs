@@ -6,6 +6,7 @@ mod common;
 mod acks;
 mod admin;
 mod checks;
+mod faults;
 mod helpers;
 mod ingest;
 mod ops;

@@ -10,5 +10,7 @@ mod crashes;
 mod harness;
 mod instances;
 mod outages;
+mod shutdown;
 mod soak;
+mod startup;
 mod stock_broker;

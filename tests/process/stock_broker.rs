@@ -39,14 +39,21 @@ async fn without_the_plugin_one_queue_serves_every_key_and_the_move_to_shards_is
     let mut b = scenario.start_instance("-b");
     b.wait_ready().await;
     // One queue, owned by one instance; the other is a hot standby.
-    eventually(Duration::from_secs(10), "one owner of the single queue", || async {
-        let mut owned = a.owned_shards().await;
-        owned.extend(b.owned_shards().await);
-        (owned == vec![0]).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "one owner of the single queue",
+        || async {
+            let mut owned = a.owned_shards().await;
+            owned.extend(b.owned_shards().await);
+            (owned == vec![0]).then_some(())
+        },
+    )
     .await;
     let queues = list_queue_names(&scenario.vhost.name);
-    assert!(queues.contains(&"quota.shard.all".to_string()), "{queues:?}");
+    assert!(
+        queues.contains(&"quota.shard.all".to_string()),
+        "{queues:?}"
+    );
     assert!(!queues.iter().any(|q| q == "quota.shard.000"), "{queues:?}");
     let warnings = a
         .log()
@@ -61,7 +68,10 @@ async fn without_the_plugin_one_queue_serves_every_key_and_the_move_to_shards_is
     let mut checks = scenario.broker().await;
     for &key in &KEYS {
         let total = expected[&key];
-        assert_eq!(checks.check(key, None).await["tokens_used_this_month"], total);
+        assert_eq!(
+            checks.check(key, None).await["tokens_used_this_month"],
+            total
+        );
         assert_eq!(a.http_check(key).await.1["tokens_used_this_month"], total);
         assert_eq!(b.http_check(key).await.1["tokens_used_this_month"], total);
     }
@@ -81,10 +91,14 @@ async fn without_the_plugin_one_queue_serves_every_key_and_the_move_to_shards_is
         &publish_events(&client, "sharded", &KEYS, 300).await,
     );
     assert_totals_become(&scenario, &expected).await;
-    eventually(Duration::from_secs(15), "the single queue drained and deleted", || async {
-        (!list_queue_names(&scenario.vhost.name).contains(&"quota.shard.all".to_string()))
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(15),
+        "the single queue drained and deleted",
+        || async {
+            (!list_queue_names(&scenario.vhost.name).contains(&"quota.shard.all".to_string()))
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(a.owned_shards().await, vec![0, 1, 2, 3]);
     let mut checks = scenario.broker().await;

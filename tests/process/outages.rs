@@ -100,10 +100,13 @@ async fn a_broker_restart_while_events_flow_loses_and_doubles_nothing() {
         "{body}"
     );
     assert!(service.is_running(), "the process stays up");
-    assert_eq!(
-        service.http_check(1).await.0,
-        200,
-        "checks are still answered over HTTP"
+    // Without the broker no instance can ask a key's owner, and none answers from a copy it
+    // does not own (SPEC §5): 503 naming why, never a stale 200.
+    let (status, body) = service.http_check(1).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|detail| detail.contains("broker")),
+        "{body}"
     );
     drop(stopped);
 

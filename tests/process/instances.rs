@@ -273,16 +273,16 @@ async fn a_rolling_restart_under_load_loses_nothing_and_no_check_waits_a_second(
             (longest, unanswered, answered)
         })
     };
-    for index in 0..instances.len() {
-        let (status, _) = instances[index].terminate();
-        assert!(status.success(), "log: {}", instances[index].log());
+    for (index, instance) in instances.iter_mut().enumerate() {
+        let (status, _) = instance.terminate();
+        assert!(status.success(), "log: {}", instance.log());
         let restarted = if index == 0 {
             scenario.start()
         } else {
             scenario.start_instance(&format!("-{index}-again"))
         };
         restarted.wait_ready().await;
-        instances[index] = restarted;
+        *instance = restarted;
     }
     let expected = publisher.await.expect("the publisher finishes");
     stop_checking.cancel();

@@ -105,7 +105,9 @@ async fn a_broker_restart_while_events_flow_loses_and_doubles_nothing() {
     let (status, body) = service.http_check(1).await;
     assert_eq!(status, 503, "{body}");
     assert!(
-        body["detail"].as_str().is_some_and(|detail| detail.contains("broker")),
+        body["detail"]
+            .as_str()
+            .is_some_and(|detail| detail.contains("broker")),
         "{body}"
     );
     drop(stopped);

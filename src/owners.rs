@@ -11,9 +11,12 @@ use chrono::{DateTime, Utc};
 use entity::api_keys::Model;
 use sea_orm::{DatabaseConnection, DbErr};
 
+use std::sync::Arc;
+
 use crate::actors::key_actor::KeyError;
 use crate::actors::registry::KeyRegistry;
 use crate::amqp::control::{ForwardError, Forwarder};
+use crate::amqp::ownership::Ownership;
 use crate::db::api_keys::{self, KeyChange};
 use crate::domain::check::CheckReply;
 use crate::domain::quota::QuotaState;
@@ -40,23 +43,34 @@ pub enum OwnerError {
 #[derive(Clone)]
 pub struct Owners {
     registry: KeyRegistry,
-    forwarder: Option<Forwarder>,
+    /// With a broker: the way to the owner, and what this instance owns.
+    broker: Option<(Forwarder, Arc<Ownership>)>,
 }
 
 impl Owners {
-    pub fn new(registry: KeyRegistry, forwarder: Option<Forwarder>) -> Owners {
-        Owners {
-            registry,
-            forwarder,
+    pub fn new(registry: KeyRegistry, broker: Option<(Forwarder, Arc<Ownership>)>) -> Owners {
+        Owners { registry, broker }
+    }
+
+    /// Whether a resident actor of `shard` may answer: its shard is owned here right now.
+    fn owns(&self) -> impl Fn(u16) -> bool + '_ {
+        move |shard| {
+            self.broker
+                .as_ref()
+                .is_some_and(|(_, ownership)| ownership.owns(shard))
         }
     }
 
     /// The owner's answer to a check of key `id`.
     pub async fn check(&self, id: i64, estimate: Option<i64>) -> Result<CheckReply, OwnerError> {
-        let Some(forwarder) = &self.forwarder else {
+        let Some((forwarder, _)) = &self.broker else {
             return Ok(self.registry.check(id, estimate).await?);
         };
-        if let Some(answer) = self.registry.check_if_resident(id, estimate).await {
+        if let Some(answer) = self
+            .registry
+            .check_if_resident(id, estimate, self.owns())
+            .await
+        {
             return Ok(answer?);
         }
         let mut request = serde_json::json!({ "api_key_id": id });
@@ -72,10 +86,10 @@ impl Owners {
 
     /// The current window of key `id` as its owner sees it; `None` if the key does not exist.
     pub async fn describe(&self, id: i64) -> Result<Option<QuotaState>, OwnerError> {
-        if self.forwarder.is_none() {
+        if self.broker.is_none() {
             return Ok(self.registry.describe(id).await?);
         }
-        if let Some(answer) = self.registry.describe_if_resident(id).await {
+        if let Some(answer) = self.registry.describe_if_resident(id, self.owns()).await {
             return Ok(answer?);
         }
         let reply = self.check(id, None).await?;
@@ -108,13 +122,13 @@ impl Owners {
         change: KeyChange,
         now: DateTime<Utc>,
     ) -> Result<Option<Model>, OwnerError> {
-        if self.forwarder.is_none() {
+        if self.broker.is_none() {
             return Ok(self.registry.update(id, username, change).await?);
         }
         // Owned here: through the actor, the single writer of the key's state.
         if let Some(answer) = self
             .registry
-            .update_if_resident(id, username, change.clone())
+            .update_if_resident(id, username, change.clone(), self.owns())
             .await
         {
             return Ok(answer?);
@@ -133,10 +147,14 @@ impl Owners {
         id: i64,
         username: &str,
     ) -> Result<bool, OwnerError> {
-        if self.forwarder.is_none() {
+        if self.broker.is_none() {
             return Ok(self.registry.delete(id, username).await?);
         }
-        if let Some(answer) = self.registry.delete_if_resident(id, username).await {
+        if let Some(answer) = self
+            .registry
+            .delete_if_resident(id, username, self.owns())
+            .await
+        {
             return Ok(answer?);
         }
         let deleted = api_keys::delete_key(db, id, username).await?;
@@ -149,7 +167,7 @@ impl Owners {
     /// Key `id` was just created: whoever answered "unknown" for it must look again.
     pub async fn created(&self, id: i64) {
         self.registry.invalidate(id);
-        if self.forwarder.is_some() {
+        if self.broker.is_some() {
             self.tell_owner(id).await;
         }
     }
@@ -158,7 +176,7 @@ impl Owners {
     /// broker is down or the owner hung) the change is still committed: the owner loses its
     /// shards when the broker notices it is gone, and whoever owns them next loads the key fresh.
     async fn tell_owner(&self, id: i64) {
-        let Some(forwarder) = &self.forwarder else {
+        let Some((forwarder, _)) = &self.broker else {
             return;
         };
         let refreshed = forwarder.refresh(id, OWNER_ANSWER_TIMEOUT).await;

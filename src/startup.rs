@@ -133,7 +133,7 @@ impl Application {
             metrics,
             readiness: readiness.clone(),
             registry: registry.clone(),
-            owners: Owners::new(registry.clone(), forwarder),
+            owners: Owners::new(registry.clone(), forwarder.zip(ownership.clone())),
             ownership: ownership.clone(),
         });
         let port = listener

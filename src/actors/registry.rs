@@ -56,6 +56,9 @@ struct Entry {
 
 /// The shard of an actor started without a broker (HTTP only); no shard loss ever drops it.
 const NO_SHARD: u16 = u16::MAX;
+/// The shard of actors started while draining the retired single queue: never owned, so never
+/// used for answers, and never the tag of an actor a real shard's delivery reached.
+pub const DRAINED_SHARD: u16 = u16::MAX - 1;
 
 impl RegistryShared {
     fn stripe(&self, id: i64) -> &Mutex<HashMap<i64, Entry>> {
@@ -221,7 +224,7 @@ impl KeyRegistry {
         if let Some(entry) = map.get_mut(&id) {
             if entry.addr.connected() {
                 entry.last_used_secs = now;
-                if self.shard.is_some() {
+                if self.shard.is_some_and(|shard| shard != DRAINED_SHARD) {
                     entry.shard = shard;
                 }
                 return entry.addr.clone();
@@ -347,8 +350,9 @@ impl KeyRegistry {
         &self,
         id: i64,
         estimate: Option<i64>,
+        owns: impl Fn(u16) -> bool,
     ) -> Option<Result<CheckReply, KeyError>> {
-        let addr = self.resident(id)?;
+        let addr = self.resident_owned(id, owns)?;
         let started = std::time::Instant::now();
         let result = addr.send(CheckQuota { estimate }).await.ok()?;
         record_check(&result, started);
@@ -359,8 +363,9 @@ impl KeyRegistry {
     pub async fn describe_if_resident(
         &self,
         id: i64,
+        owns: impl Fn(u16) -> bool,
     ) -> Option<Result<Option<QuotaState>, KeyError>> {
-        self.resident(id)?.send(DescribeKey).await.ok()
+        self.resident_owned(id, owns)?.send(DescribeKey).await.ok()
     }
 
     /// Changes key `id` through its actor if one is running here; `None` otherwise.
@@ -369,12 +374,13 @@ impl KeyRegistry {
         id: i64,
         username: &str,
         change: KeyChange,
+        owns: impl Fn(u16) -> bool,
     ) -> Option<Result<Option<Model>, KeyError>> {
         let update = UpdateKey {
             username: username.to_string(),
             change,
         };
-        self.resident(id)?.send(update).await.ok()
+        self.resident_owned(id, owns)?.send(update).await.ok()
     }
 
     /// Deletes key `id` through its actor if one is running here; `None` otherwise.
@@ -382,11 +388,12 @@ impl KeyRegistry {
         &self,
         id: i64,
         username: &str,
+        owns: impl Fn(u16) -> bool,
     ) -> Option<Result<bool, KeyError>> {
         let delete = DeleteKey {
             username: username.to_string(),
         };
-        self.resident(id)?.send(delete).await.ok()
+        self.resident_owned(id, owns)?.send(delete).await.ok()
     }
 
     /// Makes the actor of `id`, if one runs here, reload its key (changed by another instance);
@@ -419,6 +426,18 @@ impl KeyRegistry {
                 addr.do_send(StopKeyActor);
             }
         }
+    }
+
+    /// The actor of `id` if one is running for a shard `owns` says this instance owns (an actor
+    /// of a shard lost a moment ago, or met while draining, never answers).
+    fn resident_owned(&self, id: i64, owns: impl Fn(u16) -> bool) -> Option<Addr<KeyActor>> {
+        self.shared
+            .stripe(id)
+            .lock()
+            .expect("registry stripes are never held across a panic")
+            .get(&id)
+            .filter(|entry| owns(entry.shard))
+            .map(|entry| entry.addr.clone())
     }
 
     /// The actor of `id` if one is running.

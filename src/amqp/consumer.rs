@@ -45,7 +45,7 @@ pub fn handle_delivery(
     context: Arc<DeliveryContext>,
     acks: &AckSequencer,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let internal = control::internal_request(&delivery.properties);
+    let internal = control::internal_request(delivery.exchange.as_str(), &delivery.properties);
     let is_check = match delivery.exchange.as_str() {
         CHECK_EXCHANGE => true,
         USAGE_EXCHANGE => false,

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::balance::{shards_to_hand_over, MemberView};
 use super::ownership::Ownership;
 use super::topology::{Layout, CHECK_EXCHANGE};
+use crate::readiness::Readiness;
 
 /// Fanout exchange of the instances' heartbeats.
 pub const CONTROL_EXCHANGE: &str = "quota.control";
@@ -52,15 +53,17 @@ pub enum InternalRequest {
     Refresh,
 }
 
-/// The internal request a delivery carries, if any.
-pub fn internal_request(properties: &BasicProperties) -> Option<InternalRequest> {
+/// The internal request a delivery carries, if any: a probe comes straight to the queue
+/// (default exchange), a command through `quota.check`; the same headers on a client's usage
+/// event mean nothing, so it is never acknowledged uncounted.
+pub fn internal_request(exchange: &str, properties: &BasicProperties) -> Option<InternalRequest> {
     let headers = properties.headers().as_ref()?;
-    if headers.contains_key(PROBE_HEADER) {
+    if exchange.is_empty() && headers.contains_key(PROBE_HEADER) {
         return Some(InternalRequest::Probe);
     }
     match headers.inner().get(COMMAND_HEADER) {
         Some(AMQPValue::LongString(command))
-            if command.as_bytes() == REFRESH_COMMAND.as_bytes() =>
+            if exchange == CHECK_EXCHANGE && command.as_bytes() == REFRESH_COMMAND.as_bytes() =>
         {
             Some(InternalRequest::Refresh)
         }
@@ -113,6 +116,16 @@ type PendingReplies = Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>;
 struct Link {
     channel: Channel,
     pending: PendingReplies,
+}
+
+impl Link {
+    /// Drops every waiting reply: their requests fail now instead of at their timeout.
+    fn fail_pending(&self) {
+        self.pending
+            .lock()
+            .expect("the pending-reply map is never held across a panic")
+            .clear();
+    }
 }
 
 /// Sends requests to the owner of a key (whichever instance consumes its shard) and waits for
@@ -222,10 +235,30 @@ impl Forwarder {
 
     /// The session ended: requests waiting for a reply fail at once.
     pub fn disconnect(&self) {
-        self.link
+        let link = self
+            .link
             .lock()
             .expect("the forwarder link is never held across a panic")
             .take();
+        if let Some(link) = link {
+            link.fail_pending();
+        }
+    }
+
+    /// Disconnects `link` if it is still the current one (a later session may have replaced it).
+    fn disconnect_link(&self, link: &Arc<Link>) {
+        let mut current = self
+            .link
+            .lock()
+            .expect("the forwarder link is never held across a panic");
+        if current
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, link))
+        {
+            current.take();
+        }
+        drop(current);
+        link.fail_pending();
     }
 }
 
@@ -236,8 +269,12 @@ struct Members {
 }
 
 impl Members {
-    fn hear(&mut self, heartbeat: Heartbeat, me: &str) {
-        if heartbeat.instance == me {
+    /// Takes in a heartbeat; an instance of another layout (mid-move to the plugin) is not a
+    /// member to balance with: it does not consume these queues.
+    fn hear(&mut self, heartbeat: Heartbeat, me: &str, layout: Layout) {
+        let same_layout = heartbeat.sharded == matches!(layout, Layout::Sharded(_));
+        if heartbeat.instance == me || !same_layout {
+            self.heard.remove(&heartbeat.instance);
             return;
         }
         if heartbeat.leaving {
@@ -304,11 +341,12 @@ impl ControlLink {
                 FieldTable::default(),
             )
             .await?;
-        // Exclusive: deleted with this connection, so a dead instance leaves no queue behind.
-        let queue: ShortString = format!("quota.control.{instance}").into();
-        channel
+        // Exclusive and named by the broker: deleted with this connection, so a dead instance
+        // leaves no queue behind, and a reconnect never meets its previous session's queue
+        // still held (RESOURCE_LOCKED) before the broker has noticed that session is gone.
+        let queue: ShortString = channel
             .queue_declare(
-                queue.clone(),
+                "".into(),
                 QueueDeclareOptions {
                     exclusive: true,
                     auto_delete: true,
@@ -316,7 +354,9 @@ impl ControlLink {
                 },
                 FieldTable::default(),
             )
-            .await?;
+            .await?
+            .name()
+            .clone();
         channel
             .queue_bind(
                 queue.clone(),
@@ -363,6 +403,7 @@ impl ControlLink {
         self,
         ownership: Arc<Ownership>,
         layout: Layout,
+        readiness: Arc<Readiness>,
         stop: CancellationToken,
     ) -> Result<(), ControlEnded> {
         let ControlLink {
@@ -398,7 +439,7 @@ impl ControlLink {
                             if layout == Layout::Single && heartbeat.sharded && heartbeat.instance != me {
                                 break Err(ControlEnded::LayoutChanged);
                             }
-                            members.hear(heartbeat, &me);
+                            members.hear(heartbeat, &me, layout);
                         }
                     }
                     Some(Err(error)) => break Err(error.into()),
@@ -421,13 +462,15 @@ impl ControlLink {
                     None => break Err(ControlEnded::ConsumersClosed),
                 },
                 _ = rounds.tick() => {
-                    if let Err(error) = round(&channel, &ownership, layout, &mut members, &mut cooldown_until).await {
+                    // A hand-off waits for the last commit: not while the database is away.
+                    let hand_offs = readiness.database_error().is_none();
+                    if let Err(error) = round(&channel, &ownership, layout, hand_offs, &mut members, &mut cooldown_until).await {
                         break Err(error.into());
                     }
                 }
             }
         };
-        forwarder.disconnect();
+        forwarder.disconnect_link(&link);
         let _ = tokio::time::timeout(
             Duration::from_secs(1),
             connection.close(200, "session over".into()),
@@ -443,6 +486,7 @@ async fn round(
     channel: &Channel,
     ownership: &Ownership,
     layout: Layout,
+    hand_offs: bool,
     members: &mut Members,
     cooldown_until: &mut Instant,
 ) -> Result<(), lapin::Error> {
@@ -472,7 +516,9 @@ async fn round(
         owned.len(),
         &others,
     );
-    if hand_over > 0 && Instant::now() >= *cooldown_until {
+    // One queue (no plugin) is a hot standby: moving it would only stall it.
+    let balancing = hand_offs && layout.shard_count() > 1;
+    if balancing && hand_over > 0 && Instant::now() >= *cooldown_until {
         // The highest shards go first: any choice balances, a fixed one keeps logs readable.
         for shard in owned.iter().rev().take(hand_over) {
             ownership.request_hand_over(*shard);
@@ -531,25 +577,30 @@ mod tests {
     #[test]
     fn internal_requests_are_told_by_their_headers() {
         let plain = BasicProperties::default();
-        assert_eq!(internal_request(&plain), None);
+        assert_eq!(internal_request("", &plain), None);
         let mut headers = FieldTable::default();
         headers.insert(PROBE_HEADER.into(), AMQPValue::LongString("a".into()));
-        assert_eq!(
-            internal_request(&plain.clone().with_headers(headers)),
-            Some(InternalRequest::Probe)
-        );
+        let probe = plain.clone().with_headers(headers);
+        assert_eq!(internal_request("", &probe), Some(InternalRequest::Probe));
+        // On a public exchange the header is a client's: no probe, the message is handled as sent.
+        assert_eq!(internal_request("quota.usage", &probe), None);
         let mut headers = FieldTable::default();
         headers.insert(
             COMMAND_HEADER.into(),
             AMQPValue::LongString(REFRESH_COMMAND.into()),
         );
+        let refresh = plain.clone().with_headers(headers);
         assert_eq!(
-            internal_request(&plain.clone().with_headers(headers)),
+            internal_request(CHECK_EXCHANGE, &refresh),
             Some(InternalRequest::Refresh)
         );
+        assert_eq!(internal_request("quota.usage", &refresh), None);
         let mut headers = FieldTable::default();
         headers.insert(COMMAND_HEADER.into(), AMQPValue::LongString("drop".into()));
-        assert_eq!(internal_request(&plain.with_headers(headers)), None);
+        assert_eq!(
+            internal_request(CHECK_EXCHANGE, &plain.with_headers(headers)),
+            None
+        );
     }
 
     #[test]
@@ -561,9 +612,10 @@ mod tests {
             leaving,
             sharded: true,
         };
-        members.hear(beat("me", vec![1], false), "me");
-        members.hear(beat("b", vec![1, 2], false), "me");
-        members.hear(beat("c", vec![], false), "me");
+        let sharded = Layout::Sharded(4);
+        members.hear(beat("me", vec![1], false), "me", sharded);
+        members.hear(beat("b", vec![1, 2], false), "me", sharded);
+        members.hear(beat("c", vec![], false), "me", sharded);
         let mut live = members.live();
         live.sort_by(|x, y| x.instance.cmp(&y.instance));
         assert_eq!(
@@ -579,7 +631,10 @@ mod tests {
                 }
             ]
         );
-        members.hear(beat("c", vec![], true), "me");
+        members.hear(beat("c", vec![], true), "me", sharded);
+        assert_eq!(members.live().len(), 1);
+        // An instance still on the single queue is no member to balance the shards with.
+        members.hear(beat("d", vec![0], false), "me", Layout::Single);
         assert_eq!(members.live().len(), 1);
     }
 }

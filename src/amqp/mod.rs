@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::actors::registry::KeyRegistry;
+use crate::actors::registry::{KeyRegistry, DRAINED_SHARD};
 use crate::clock::SharedClock;
 use crate::ingest::BatchWriterHandle;
 use crate::readiness::{BrokerState, Readiness};
@@ -45,8 +45,6 @@ const CONNECTION_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const REJOIN_PAUSE: Duration = Duration::from_millis(100);
 /// How often the drain of the retired single queue looks whether it is done.
 const DRAIN_ROUND: Duration = Duration::from_secs(1);
-/// The registry's shard of the keys met while draining the retired single queue.
-const DRAINED_SHARD: u16 = u16::MAX - 1;
 /// The missing-plugin warning is logged once per process, not at every reconnect.
 static WARNED_NO_PLUGIN: AtomicBool = AtomicBool::new(false);
 
@@ -190,8 +188,12 @@ impl AmqpService {
             }
         };
         let control_stop = CancellationToken::new();
-        let mut control_task =
-            tokio::spawn(control.run(Arc::clone(&self.ownership), layout, control_stop.clone()));
+        let mut control_task = tokio::spawn(control.run(
+            Arc::clone(&self.ownership),
+            layout,
+            Arc::clone(&self.readiness),
+            control_stop.clone(),
+        ));
         drop(ended);
         self.readiness.set_broker(BrokerState::Consuming);
         tracing::info!(
@@ -224,6 +226,11 @@ impl AmqpService {
             }),
         };
         control_stop.cancel();
+        // Ended before the next session starts, so it never touches that session's link.
+        if !control_task.is_finished() {
+            let _ = tokio::time::timeout(CONNECTION_CLOSE_TIMEOUT, &mut control_task).await;
+            control_task.abort();
+        }
         close_lanes(&lanes).await;
         end
     }
@@ -369,7 +376,7 @@ impl ShardLoop {
     async fn run(self, first: (lapin::Channel, Consumer)) {
         let mut consumption = Some(first);
         loop {
-            let (channel, consumer) = match consumption.take() {
+            let (channel, mut consumer) = match consumption.take() {
                 Some(consumption) => consumption,
                 None => match consume(&self.connection, &self.queue, self.prefetch).await {
                     Ok(consumption) => consumption,
@@ -379,9 +386,13 @@ impl ShardLoop {
                     }
                 },
             };
+            // A request made while the shard was being handed over is not for this consumption.
+            self.ownership.forget_hand_over_request(self.shard);
             let acks = AckSequencer::start();
             let in_flight = TaskTracker::new();
-            let end = self.deliver(consumer, &acks, &in_flight).await;
+            // The consumer lives until its channel closes: dropping it would send basic.cancel,
+            // which stalls the queue until the channel closes (TOPOLOGY.md).
+            let end = self.deliver(&mut consumer, &acks, &in_flight).await;
             if let ShardLoopEnd::Failed(error) = end {
                 let _ = self.ended.send(error);
                 return;
@@ -403,6 +414,7 @@ impl ShardLoop {
                 let _ = self.ended.send(error.into());
                 return;
             }
+            drop(consumer);
             // A handler still running past the grace may have started an actor since.
             self.context.registry.evict_shard(self.shard);
             tokio::select! {
@@ -415,68 +427,119 @@ impl ShardLoop {
     /// Drains the single queue retired by a move to the sharded layout (nothing is routed to it
     /// any more): its deliveries are handled like any shard's, and once it is empty the instance
     /// that consumes it actively deletes it, which ends every instance's drain. Keys met here
-    /// may briefly have an actor at their shard's owner too; totals stay exact (increments,
-    /// deduplicated event ids).
-    async fn drain(self, (channel, mut consumer): (lapin::Channel, Consumer)) {
-        let acks = AckSequencer::start();
-        let in_flight = TaskTracker::new();
+    /// may briefly have an actor at their shard's owner too (never used for answers: this
+    /// instance does not own them); totals stay exact (increments, deduplicated event ids).
+    async fn drain(self, first: (lapin::Channel, Consumer)) {
+        let mut consumption = Some(first);
+        loop {
+            let (channel, mut consumer) = match consumption.take() {
+                Some(consumption) => consumption,
+                None => match consume(&self.connection, &self.queue, self.prefetch).await {
+                    Ok(consumption) => consumption,
+                    Err(_) => break,
+                },
+            };
+            let acks = AckSequencer::start();
+            let in_flight = TaskTracker::new();
+            let finished = self
+                .drain_deliveries(&channel, &mut consumer, &acks, &in_flight)
+                .await;
+            // Everything received is committed and acknowledged, then the channel closes, which
+            // hands back whatever lapin had received but was not handled: only then may an
+            // empty queue be deleted, or buffered deliveries would go with it.
+            in_flight.close();
+            let _ = tokio::time::timeout(IN_FLIGHT_GRACE, in_flight.wait()).await;
+            self.context.writer.flush().await;
+            acks.sent().await;
+            let _ = channel.close(200, "drained".into()).await;
+            drop(consumer);
+            if finished || self.stop.is_cancelled() || self.delete_if_empty().await {
+                break;
+            }
+        }
+        self.context.registry.evict_shard(self.shard);
+    }
+
+    /// Handles the drained queue's deliveries until the session stops or the queue is gone
+    /// (`true`), or until this instance, its active consumer, has nothing in flight (`false`:
+    /// time to look whether the queue is empty).
+    async fn drain_deliveries(
+        &self,
+        channel: &lapin::Channel,
+        consumer: &mut Consumer,
+        acks: &AckSequencer,
+        in_flight: &TaskTracker,
+    ) -> bool {
         let mut active = false;
         let mut rounds = tokio::time::interval(DRAIN_ROUND);
         loop {
             tokio::select! {
-                _ = self.stop.cancelled() => break,
+                _ = self.stop.cancelled() => return true,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         active = true;
                         in_flight.spawn(consumer::handle_delivery(
                             delivery,
                             Arc::clone(&self.context),
-                            &acks,
+                            acks,
                         ));
                     }
                     // Deleted by the instance that drained it, or the session is ending.
-                    Some(Err(_)) | None => break,
+                    Some(Err(_)) | None => return true,
                 },
                 _ = rounds.tick() => {
+                    if active && in_flight.is_empty() {
+                        return false;
+                    }
                     if !active {
                         // Only the active consumer gets it: whoever that is may delete the queue.
-                        let _ = control::probe(&channel, &self.queue, "drain").await;
-                        continue;
-                    }
-                    if !in_flight.is_empty() {
-                        continue;
-                    }
-                    // Everything received is committed and acknowledged before the queue goes.
-                    self.context.writer.flush().await;
-                    acks.sent().await;
-                    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-                    let empty = channel
-                        .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
-                        .await
-                        .is_ok_and(|queue| queue.message_count() == 0);
-                    if empty {
-                        let if_empty = QueueDeleteOptions { if_empty: true, ..Default::default() };
-                        if channel.queue_delete(self.queue.as_str().into(), if_empty).await.is_ok() {
-                            tracing::info!(queue = %self.queue, "drained and deleted the single queue of the layout without the plugin");
-                        }
-                        break;
+                        let _ = control::probe(channel, &self.queue, "drain").await;
                     }
                 }
             }
         }
-        in_flight.close();
-        let _ = tokio::time::timeout(IN_FLIGHT_GRACE, in_flight.wait()).await;
-        self.context.writer.flush().await;
-        acks.sent().await;
-        self.context.registry.evict_shard(self.shard);
-        let _ = channel.close(200, "drained".into()).await;
+    }
+
+    /// Deletes the drained queue if nothing is left in it; `true` if it is gone.
+    async fn delete_if_empty(&self) -> bool {
+        let Ok(channel) = self.connection.create_channel().await else {
+            return false;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let gone = match channel
+            .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(queue) if queue.message_count() == 0 => {
+                let if_empty = QueueDeleteOptions {
+                    if_empty: true,
+                    ..Default::default()
+                };
+                let deleted = channel
+                    .queue_delete(self.queue.as_str().into(), if_empty)
+                    .await
+                    .is_ok();
+                if deleted {
+                    tracing::info!(queue = %self.queue, "drained and deleted the single queue of the layout without the plugin");
+                }
+                deleted
+            }
+            Ok(_) => false,
+            // Already deleted by another instance (the passive declare closed this channel).
+            Err(_) => true,
+        };
+        let _ = channel.close(200, "checked".into()).await;
+        gone
     }
 
     /// Hands deliveries to their handlers until the session stops, a hand-off is asked for, or
     /// the consumer fails.
     async fn deliver(
         &self,
-        mut consumer: Consumer,
+        consumer: &mut Consumer,
         acks: &AckSequencer,
         in_flight: &TaskTracker,
     ) -> ShardLoopEnd {
@@ -494,7 +557,11 @@ impl ShardLoop {
             match next {
                 Some(Ok(delivery)) => {
                     // Only the active consumer of a queue receives anything.
-                    self.ownership.delivered(self.shard);
+                    if self.ownership.delivered(self.shard) {
+                        // Just gained: an actor a late handler started while the shard was
+                        // elsewhere may hold an old state; the keys load afresh.
+                        self.context.registry.evict_shard(self.shard);
+                    }
                     in_flight.spawn(consumer::handle_delivery(
                         delivery,
                         Arc::clone(&self.context),

@@ -72,12 +72,18 @@ impl Ownership {
             .is_some_and(|slot| slot.owned.load(Ordering::Acquire))
     }
 
-    /// A delivery came on `shard`: this instance is its active consumer.
-    pub fn delivered(&self, shard: u16) {
-        let Some(slot) = self.slot(shard) else { return };
-        if !slot.owned.load(Ordering::Relaxed) && !slot.owned.swap(true, Ordering::AcqRel) {
+    /// A delivery came on `shard`: this instance is its active consumer. `true` if it just
+    /// became so.
+    pub fn delivered(&self, shard: u16) -> bool {
+        let Some(slot) = self.slot(shard) else {
+            return false;
+        };
+        let gained =
+            !slot.owned.load(Ordering::Relaxed) && !slot.owned.swap(true, Ordering::AcqRel);
+        if gained {
             self.record(&self.gained, &self.lost, shard);
         }
+        gained
     }
 
     /// `shard`'s channel closed (handed over, or lost with its connection).
@@ -104,6 +110,13 @@ impl Ownership {
     pub fn request_hand_over(&self, shard: u16) {
         if let Some(slot) = self.slot(shard) {
             slot.hand_over.notify_one();
+        }
+    }
+
+    /// Drops a hand-over request nobody took up (made while the shard was already going).
+    pub fn forget_hand_over_request(&self, shard: u16) {
+        if let Some(slot) = self.slot(shard) {
+            let _ = futures::FutureExt::now_or_never(slot.hand_over.notified());
         }
     }
 
@@ -157,13 +170,13 @@ mod tests {
     fn ownership_starts_with_a_delivery_and_ends_with_the_channel() {
         let ownership = Ownership::new("a".into(), 4);
         assert!(ownership.owned().is_empty());
-        ownership.delivered(2);
-        ownership.delivered(2);
-        ownership.delivered(0);
+        assert!(ownership.delivered(2));
+        assert!(!ownership.delivered(2));
+        assert!(ownership.delivered(0));
         assert_eq!(ownership.owned(), vec![0, 2]);
         assert_eq!(ownership.take_changes(), (vec![0, 2], vec![]));
         ownership.lost(2);
-        ownership.delivered(3);
+        assert!(ownership.delivered(3));
         ownership.lost(3);
         assert_eq!(ownership.owned(), vec![0]);
         // Shard 3 came and went within one report: neither gained nor lost.
@@ -171,7 +184,7 @@ mod tests {
         ownership.lose_all();
         assert!(ownership.owned().is_empty());
         // Out-of-range shards are ignored, never a panic.
-        ownership.delivered(99);
+        assert!(!ownership.delivered(99));
         assert!(!ownership.owns(99));
     }
 
@@ -186,5 +199,9 @@ mod tests {
         )
         .await
         .expect("the stored request completes the wait");
+        // A request forgotten before its loop looked is gone.
+        ownership.request_hand_over(0);
+        ownership.forget_hand_over_request(0);
+        assert!(futures::FutureExt::now_or_never(ownership.hand_over_requested(0)).is_none());
     }
 }

@@ -143,6 +143,21 @@ async fn keys_owned_by(
     owned
 }
 
+/// One row of the latency table.
+fn print_row(label: &str, amqp: &RpcStats, owner: &RpcStats, forwarded: &RpcStats) {
+    println!(
+        "| {label} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.0} | {:.0} | {:.0} |",
+        amqp.p50_us,
+        owner.p50_us,
+        forwarded.p50_us,
+        forwarded.p50_us / amqp.p50_us,
+        forwarded.p50_us / owner.p50_us,
+        amqp.p99_us,
+        owner.p99_us,
+        forwarded.p99_us
+    );
+}
+
 async fn run() {
     let (database, vhost, _) = bench_environment().await;
     let db = sea_orm::Database::connect(&database.url)
@@ -194,25 +209,12 @@ async fn run() {
             }
             forwarded.push(slice(forwarded_samples));
         }
-        let row = |label: String, amqp: &RpcStats, owner: &RpcStats, forwarded: &RpcStats| {
-            println!(
-                "| {label} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.0} | {:.0} | {:.0} |",
-                amqp.p50_us,
-                owner.p50_us,
-                forwarded.p50_us,
-                forwarded.p50_us / amqp.p50_us,
-                forwarded.p50_us / owner.p50_us,
-                amqp.p99_us,
-                owner.p99_us,
-                forwarded.p99_us
-            );
-        };
         let (amqp, owner, forwarded) = (
             RpcStats::pooled(&amqp),
             RpcStats::pooled(&owner),
             RpcStats::pooled(&forwarded),
         );
-        row(round.to_string(), &amqp, &owner, &forwarded);
+        print_row(&round.to_string(), &amqp, &owner, &forwarded);
         all.0.push(amqp);
         all.1.push(owner);
         all.2.push(forwarded);
@@ -222,17 +224,7 @@ async fn run() {
         RpcStats::pooled(&all.1),
         RpcStats::pooled(&all.2),
     );
-    println!(
-        "| all | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.0} | {:.0} | {:.0} |",
-        amqp.p50_us,
-        owner.p50_us,
-        forwarded.p50_us,
-        forwarded.p50_us / amqp.p50_us,
-        forwarded.p50_us / owner.p50_us,
-        amqp.p99_us,
-        owner.p99_us,
-        forwarded.p99_us
-    );
+    print_row("all", &amqp, &owner, &forwarded);
 
     // Takeover: kill the owner of a key, measure until a check of that key is answered again;
     // a checker meanwhile records the longest wait of any check. Then restart and rebalance.

@@ -373,18 +373,26 @@ struct ShardLoop {
 }
 
 impl ShardLoop {
+    /// The first consumption (opened with the lane), or a new one on the lane's connection.
+    async fn next_consumption(
+        &self,
+        first: &mut Option<(lapin::Channel, Consumer)>,
+    ) -> Result<(lapin::Channel, Consumer), lapin::Error> {
+        match first.take() {
+            Some(consumption) => Ok(consumption),
+            None => consume(&self.connection, &self.queue, self.prefetch).await,
+        }
+    }
+
     async fn run(self, first: (lapin::Channel, Consumer)) {
-        let mut consumption = Some(first);
+        let mut first = Some(first);
         loop {
-            let (channel, mut consumer) = match consumption.take() {
-                Some(consumption) => consumption,
-                None => match consume(&self.connection, &self.queue, self.prefetch).await {
-                    Ok(consumption) => consumption,
-                    Err(error) => {
-                        let _ = self.ended.send(error.into());
-                        return;
-                    }
-                },
+            let (channel, mut consumer) = match self.next_consumption(&mut first).await {
+                Ok(consumption) => consumption,
+                Err(error) => {
+                    let _ = self.ended.send(error.into());
+                    return;
+                }
             };
             // A request made while the shard was being handed over is not for this consumption.
             self.ownership.forget_hand_over_request(self.shard);
@@ -430,14 +438,10 @@ impl ShardLoop {
     /// may briefly have an actor at their shard's owner too (never used for answers: this
     /// instance does not own them); totals stay exact (increments, deduplicated event ids).
     async fn drain(self, first: (lapin::Channel, Consumer)) {
-        let mut consumption = Some(first);
+        let mut first = Some(first);
         loop {
-            let (channel, mut consumer) = match consumption.take() {
-                Some(consumption) => consumption,
-                None => match consume(&self.connection, &self.queue, self.prefetch).await {
-                    Ok(consumption) => consumption,
-                    Err(_) => break,
-                },
+            let Ok((channel, mut consumer)) = self.next_consumption(&mut first).await else {
+                break;
             };
             let acks = AckSequencer::start();
             let in_flight = TaskTracker::new();

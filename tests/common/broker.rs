@@ -88,57 +88,45 @@ impl BrokerClient {
 
     /// Sends a check request body for `key` and waits for the reply with the same correlation id.
     pub async fn check_raw(&mut self, key: &str, body: &[u8]) -> Value {
+        self.ask(key, body, Duration::from_secs(10), None)
+            .await
+            .expect("a reply within 10 s")
+    }
+
+    /// A check that gives up after `within` (`None`): published with that expiration, so an
+    /// unanswered request is not answered later.
+    pub async fn try_check(&mut self, key: i64, within: Duration) -> Option<Value> {
+        let body = serde_json::json!({ "api_key_id": key }).to_string();
+        self.ask(&key.to_string(), body.as_bytes(), within, Some(within))
+            .await
+    }
+
+    /// Publishes a check to `quota.check` and waits up to `within` for its reply, skipping
+    /// replies to earlier requests.
+    async fn ask(
+        &mut self,
+        key: &str,
+        body: &[u8],
+        within: Duration,
+        expiration: Option<Duration>,
+    ) -> Option<Value> {
         let correlation_id = uuid::Uuid::new_v4().to_string();
+        let mut properties = BasicProperties::default()
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(correlation_id.as_str().into())
+            .with_priority(1)
+            .with_content_type("application/json".into());
+        if let Some(expiration) = expiration {
+            properties =
+                properties.with_expiration(expiration.as_millis().to_string().as_str().into());
+        }
         self.rpc
             .basic_publish(
                 "quota.check".into(),
                 key.into(),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default()
-                    .with_reply_to(DIRECT_REPLY_TO.into())
-                    .with_correlation_id(correlation_id.as_str().into())
-                    .with_priority(1)
-                    .with_content_type("application/json".into()),
-            )
-            .await
-            .unwrap();
-        loop {
-            let delivery = tokio::time::timeout(Duration::from_secs(10), self.replies.next())
-                .await
-                .expect("a reply within 10 s")
-                .expect("the reply consumer is open")
-                .expect("a reply delivery");
-            if delivery
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|id| id.as_str())
-                == Some(correlation_id.as_str())
-            {
-                return serde_json::from_slice(&delivery.data).expect("replies are JSON");
-            }
-        }
-    }
-
-    /// A check that gives up after `within` (`None`): publishes with that expiration, so an
-    /// unanswered request is not answered later, and skips replies to earlier requests.
-    pub async fn try_check(&mut self, key: i64, within: Duration) -> Option<Value> {
-        let correlation_id = uuid::Uuid::new_v4().to_string();
-        self.rpc
-            .basic_publish(
-                "quota.check".into(),
-                key.to_string().as_str().into(),
-                BasicPublishOptions::default(),
-                serde_json::json!({ "api_key_id": key })
-                    .to_string()
-                    .as_bytes(),
-                BasicProperties::default()
-                    .with_reply_to(DIRECT_REPLY_TO.into())
-                    .with_correlation_id(correlation_id.as_str().into())
-                    .with_priority(1)
-                    .with_expiration(within.as_millis().to_string().as_str().into())
-                    .with_content_type("application/json".into()),
+                properties,
             )
             .await
             .ok()?;

@@ -66,16 +66,7 @@ async fn events_the_database_refuses_are_dead_lettered_and_the_lane_keeps_commit
         ))
         .await
         .expect("the database answers");
-    entity::usage_history::ActiveModel {
-        api_key_id: Set(1),
-        period_start: Set(at("2026-10-01T00:00:00Z")),
-        period_end: Set(at("2026-11-01T00:00:00Z")),
-        tokens: Set(i64::MAX - 5),
-        ..Default::default()
-    }
-    .insert(&app.db)
-    .await
-    .expect("a history row");
+    insert_october_near_the_ceiling(&app.db).await;
 
     for i in 0..50 {
         client
@@ -466,16 +457,7 @@ async fn the_database_refusing_a_batch_is_told_from_an_outage_on_both_backends()
         let app = crate::helpers::spawn_app_on(backend, |_| {}).await;
         app.create_key("z", json!({"id": 1})).await;
         app.create_key("z", json!({"id": 2})).await;
-        entity::usage_history::ActiveModel {
-            api_key_id: Set(1),
-            period_start: Set(at("2026-10-01T00:00:00Z")),
-            period_end: Set(at("2026-11-01T00:00:00Z")),
-            tokens: Set(i64::MAX - 5),
-            ..Default::default()
-        }
-        .insert(&app.db)
-        .await
-        .expect("a history row");
+        insert_october_near_the_ceiling(&app.db).await;
         let late = |event_id: &str, api_key_id: i64| UsageEvent {
             event_id: event_id.into(),
             api_key_id,
@@ -636,4 +618,18 @@ async fn a_late_event_on_top_of_a_full_closed_window_is_refused() {
         assert_eq!(outcome.counted, 1, "{backend:?}");
         assert_eq!(app.stored_usage(1).await, 10, "{backend:?}");
     }
+}
+
+/// Key 1's history of October 2026 a few tokens below the largest count.
+async fn insert_october_near_the_ceiling(db: &sea_orm::DatabaseConnection) {
+    entity::usage_history::ActiveModel {
+        api_key_id: Set(1),
+        period_start: Set(at("2026-10-01T00:00:00Z")),
+        period_end: Set(at("2026-11-01T00:00:00Z")),
+        tokens: Set(i64::MAX - 5),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .expect("a history row");
 }

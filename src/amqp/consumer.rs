@@ -12,6 +12,7 @@ use super::acks::{AckSequencer, DeadLetterStore, PendingAck};
 use super::control::{self, InternalRequest};
 use super::replies::{validate_reply_to, ReplyChannel};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
+use super::PERSISTENT;
 use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
 use crate::clock::SharedClock;
@@ -22,8 +23,6 @@ use crate::metrics as names;
 
 /// Pause before a delivery whose dead-lettering failed is handed back to the broker.
 const DEAD_LETTER_RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// AMQP delivery mode of persistent messages.
-const PERSISTENT: u8 = 2;
 
 /// What handling a delivery needs; one per broker session.
 pub struct DeliveryContext {

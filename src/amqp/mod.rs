@@ -35,6 +35,8 @@ use control::{ControlLink, Forwarder};
 use ownership::Ownership;
 use topology::Layout;
 
+/// AMQP delivery mode of persistent messages (dead letters, usage published by the CLI).
+pub const PERSISTENT: u8 = 2;
 /// First pause after a lost or refused connection; doubles up to `amqp.reconnect_max_backoff_ms`.
 const FIRST_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 /// On shutdown, deliveries already received get this long to be handled before the final flush.

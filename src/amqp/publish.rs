@@ -43,7 +43,7 @@ pub async fn publish_usage(amqp_url: &str, message: &UsageMessage) -> Result<(),
             },
             &body,
             BasicProperties::default()
-                .with_delivery_mode(2)
+                .with_delivery_mode(super::PERSISTENT)
                 .with_content_type("application/json".into()),
         )
         .await?

@@ -2,7 +2,6 @@
 
 use chrono::{DateTime, Utc};
 use entity::{api_keys, processed_events};
-use futures::StreamExt;
 use sea_orm::sea_query::{Condition, Expr, ExprTrait, LockType, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
@@ -15,10 +14,6 @@ use crate::domain::window::{next_window_start, window_ending_at};
 /// Keys rolled over per transaction: short transactions, so checks' key loads and the batch
 /// writer are never held up for long.
 const CHUNK_KEYS: u64 = 20_000;
-/// Chunks in flight at once. Two (disjoint id ranges, PostgreSQL only: SQLite has one writer)
-/// rolled 1 M keys in 33.5 s instead of 35.8 s on 2 cores, but pushed the worst check latency
-/// during the rollover from 34 ms to 48 ms: not worth it on a machine this size.
-const CONCURRENT_CHUNKS: usize = 1;
 
 /// One chunk of keys that moved from the window ending at `closed_reset_at` to the one ending at `new_reset_at`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,11 +61,10 @@ where
             after = Some(boundary);
         }
         ranges.push((after, None));
-        let mut chunks = futures::stream::iter(ranges)
-            .map(|(after, up_to)| roll_chunk(db, closed_reset_at, new_reset_at, after, up_to))
-            .buffer_unordered(CONCURRENT_CHUNKS);
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
+        // One chunk at a time: concurrent chunks gained little and cost checks latency
+        // (BENCHMARKS.md, rollover).
+        for (after, up_to) in ranges {
+            let chunk = roll_chunk(db, closed_reset_at, new_reset_at, after, up_to).await?;
             rolled += chunk.key_ids.len();
             on_chunk(chunk);
         }

@@ -7,9 +7,11 @@ use sea_orm::{
     QueryOrder, QuerySelect, Set, SqlErr, Statement, TransactionSession, TransactionTrait,
 };
 
+use super::alerts::{delete_key_alerts, rearm_window, record_alerts};
 use super::usage::add_to_history;
+use crate::domain::alerts::{CounterChange, Thresholds};
 use crate::domain::quota::QuotaState;
-use crate::domain::window::next_window_start;
+use crate::domain::window::{next_window_start, window_ending_at};
 
 /// What an operator asks for when creating a key.
 #[derive(Clone, Debug, Default)]
@@ -147,13 +149,15 @@ pub async fn list_user_keys(
 /// Applies `change` to key `id` of `username` at `now`; `None` when it is not that user's key.
 ///
 /// In one transaction, with the row locked: a lapsed window is first rolled over (archived into
-/// history), so neither the change nor `reset_usage` can lose a closed month's total.
+/// history), so neither the change nor `reset_usage` can lose a closed month's total. A quota
+/// lowered below the usage records the `thresholds` it crosses; `reset_usage` re-arms them.
 pub async fn update_key<C>(
     db: &C,
     id: i64,
     username: &str,
     change: KeyChange,
     now: DateTime<Utc>,
+    thresholds: &Thresholds,
 ) -> Result<Option<Model>, DbErr>
 where
     C: TransactionTrait + ConnectionTrait,
@@ -174,6 +178,7 @@ where
     };
     let closed = state.roll_over_if_lapsed(now);
     let mut version = current.counter_version;
+    let quota_before = current.token_quota_monthly;
     let mut row: ActiveModel = current.into();
     if let Some(closed) = closed {
         let history = std::iter::once(((id, closed.window), closed.tokens)).collect();
@@ -195,6 +200,19 @@ where
         row.counter_version = Set(version + 1);
     }
     let updated = row.update(&txn).await?;
+    if change.reset_usage {
+        rearm_window(&txn, id, window_ending_at(updated.quota_reset_at).start).await?;
+    }
+    let counter_change = CounterChange {
+        api_key_id: id,
+        username: &updated.username,
+        quota_before,
+        used_before: state.used,
+        quota: updated.token_quota_monthly,
+        used: updated.tokens_used_this_month,
+        reset_at: updated.quota_reset_at,
+    };
+    record_alerts(&txn, &counter_change.alerts(thresholds, now)).await?;
     txn.commit().await?;
     Ok(Some(updated))
 }
@@ -216,6 +234,7 @@ where
             .filter(entity::usage_history::Column::ApiKeyId.eq(id))
             .exec(&txn)
             .await?;
+        delete_key_alerts(&txn, id).await?;
     }
     txn.commit().await?;
     Ok(deleted.rows_affected > 0)

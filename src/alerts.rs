@@ -114,9 +114,9 @@ impl Link {
         .await;
     }
 
-    /// Publishes `alerts` persistently, then waits for every confirm; returns the ids of those
-    /// the broker took.
-    async fn publish(&self, alerts: &[(i64, Alert)]) -> Result<Vec<i64>, RoundError> {
+    /// Publishes `alerts` persistently, then waits for every confirm; returns the ids (row and
+    /// revision) of those the broker took.
+    async fn publish<Id: Copy>(&self, alerts: &[(Id, Alert)]) -> Result<Vec<Id>, RoundError> {
         let mut confirms = Vec::with_capacity(alerts.len());
         for (id, alert) in alerts {
             let message = alert.message();
@@ -264,24 +264,30 @@ impl AlertPublisher {
         if taken.is_empty() {
             return Ok((0, 0));
         }
-        let alerts: Vec<(i64, Alert)> = taken
+        let alerts: Vec<((i64, i64), Alert)> = taken
             .into_iter()
             .map(|row| {
-                (
-                    row.id,
+                let threshold_percent = u32::try_from(row.threshold_percent).map_err(|_| {
+                    DbErr::Custom(format!(
+                        "alert {} has a negative threshold {}",
+                        row.id, row.threshold_percent
+                    ))
+                })?;
+                Ok((
+                    (row.id, row.revision),
                     Alert {
                         api_key_id: row.api_key_id,
                         username: row.username,
-                        threshold_percent: u32::try_from(row.threshold_percent).unwrap_or(0),
+                        threshold_percent,
                         token_quota_monthly: row.token_quota_monthly,
                         tokens_used_this_month: row.tokens_used_this_month,
                         period_start: row.period_start,
                         quota_reset_at: row.quota_reset_at,
                         occurred_at: row.occurred_at,
                     },
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_, DbErr>>()?;
         let open = match link.take() {
             Some(open) => open,
             None => Link::open(&self.amqp_url).await?,
@@ -290,8 +296,8 @@ impl AlertPublisher {
         *link = Some(open);
         let confirmed = published?;
         let refused = alerts.len() - confirmed.len();
-        mark_published(db, confirmed.clone(), self.clock.now()).await?;
-        let confirmed: std::collections::HashSet<i64> = confirmed.into_iter().collect();
+        mark_published(db, &confirmed, self.clock.now()).await?;
+        let confirmed: std::collections::HashSet<(i64, i64)> = confirmed.into_iter().collect();
         for (id, alert) in &alerts {
             if confirmed.contains(id) {
                 metrics::counter!(names::ALERTS_PUBLISHED_TOTAL, "threshold" => alert.threshold_percent.to_string())

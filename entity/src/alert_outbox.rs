@@ -19,6 +19,10 @@ pub struct Model {
     pub occurred_at: DateTimeUtc,
     /// `None` until the broker confirmed the alert.
     pub published_at: Option<DateTimeUtc>,
+    /// Set by `reset_usage`: the next crossing fires again (the row is reused).
+    pub rearmed: bool,
+    /// Bumped by every firing, so the publisher marks only the firing it sent.
+    pub revision: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

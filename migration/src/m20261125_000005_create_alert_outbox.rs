@@ -26,6 +26,10 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone(AlertOutbox::OccurredAt))
                     // NULL until the broker confirmed the alert.
                     .col(timestamp_with_time_zone_null(AlertOutbox::PublishedAt))
+                    // Set by `reset_usage`: the next crossing of this threshold fires again.
+                    .col(boolean(AlertOutbox::Rearmed).default(false))
+                    // Bumped by every firing: the publisher marks only the firing it sent.
+                    .col(big_integer(AlertOutbox::Revision).default(0))
                     .to_owned(),
             )
             .await?;
@@ -75,4 +79,6 @@ enum AlertOutbox {
     QuotaResetAt,
     OccurredAt,
     PublishedAt,
+    Rearmed,
+    Revision,
 }

@@ -1,9 +1,10 @@
 //! The alert outbox: crossings recorded in the transaction that commits them, taken by the
 //! publisher oldest first, marked once the broker confirmed them, re-armed by `reset_usage`.
+//! Published rows stay until their window is over: they are what makes a threshold fire once.
 
 use chrono::{DateTime, Utc};
 use entity::alert_outbox::{self, Column, Entity as AlertOutbox};
-use sea_orm::sea_query::{OnConflict, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter,
     QueryOrder, QuerySelect,
@@ -11,12 +12,40 @@ use sea_orm::{
 
 use crate::domain::alerts::Alert;
 
-/// Records `alerts`, skipping any whose key, window and threshold already have one; returns how
-/// many are new. Run it in the transaction that commits the crossing.
+/// Records `alerts`, skipping any whose key, window and threshold already fired and was not
+/// re-armed since; returns how many fire. Run it in the transaction that commits the crossing.
+///
+/// A re-armed row (after `reset_usage`) is reused: it takes the new firing's values, becomes
+/// unpublished again and gets the next revision.
 pub async fn record_alerts(db: &impl ConnectionTrait, alerts: &[Alert]) -> Result<u64, DbErr> {
     if alerts.is_empty() {
         return Ok(0);
     }
+    let fired_again = [
+        Column::Username,
+        Column::TokenQuotaMonthly,
+        Column::TokensUsedThisMonth,
+        Column::QuotaResetAt,
+        Column::OccurredAt,
+    ];
+    let mut on_conflict = OnConflict::columns([
+        Column::ApiKeyId,
+        Column::PeriodStart,
+        Column::ThresholdPercent,
+    ]);
+    on_conflict
+        .update_columns(fired_again)
+        .value(
+            Column::PublishedAt,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .value(Column::Rearmed, Expr::value(false))
+        .value(
+            Column::Revision,
+            Expr::col((AlertOutbox, Column::Revision)).add(1i64),
+        )
+        // Not re-armed: it fired already in this window, nothing happens.
+        .action_and_where(Expr::col((AlertOutbox, Column::Rearmed)).eq(true));
     let mut insert = Query::insert();
     insert
         .into_table(AlertOutbox)
@@ -30,23 +59,18 @@ pub async fn record_alerts(db: &impl ConnectionTrait, alerts: &[Alert]) -> Resul
             Column::QuotaResetAt,
             Column::OccurredAt,
         ])
-        .on_conflict(
-            OnConflict::columns([
-                Column::ApiKeyId,
-                Column::PeriodStart,
-                Column::ThresholdPercent,
-            ])
-            .do_nothing()
-            .to_owned(),
-        );
+        .on_conflict(on_conflict);
     for alert in alerts {
+        let percent = i32::try_from(alert.threshold_percent).map_err(|_| {
+            DbErr::Custom(format!(
+                "threshold {} % does not fit the outbox",
+                alert.threshold_percent
+            ))
+        })?;
         insert.values_panic([
             alert.api_key_id.into(),
             alert.period_start.into(),
-            // Thresholds are at most 1000 (settings), so they fit.
-            i32::try_from(alert.threshold_percent)
-                .unwrap_or(i32::MAX)
-                .into(),
+            percent.into(),
             alert.username.clone().into(),
             alert.token_quota_monthly.into(),
             alert.tokens_used_this_month.into(),
@@ -59,33 +83,19 @@ pub async fn record_alerts(db: &impl ConnectionTrait, alerts: &[Alert]) -> Resul
 
 /// `reset_usage`: the key's thresholds of the window starting at `period_start` may fire again.
 ///
-/// Only published alerts are forgotten: one still waiting for the broker reports a crossing
-/// that happened and is sent; a new crossing of its threshold before then is the same alert
-/// (same `alert_id`). On PostgreSQL the rows are locked first, so an alert being published
-/// right now is waited for and then forgotten too, instead of staying behind as published.
+/// Rows are flagged rather than deleted: an alert still waiting for the broker reports a
+/// crossing that happened and is still sent (a new crossing before then refreshes it, same
+/// `alert_id`); and an alert being published right now is marked by its revision, so the
+/// publisher's late mark cannot swallow a firing that comes after the reset.
 pub async fn rearm_window(
     db: &impl ConnectionTrait,
     api_key_id: i64,
     period_start: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    let of_window = || {
-        sea_orm::Condition::all()
-            .add(Column::ApiKeyId.eq(api_key_id))
-            .add(Column::PeriodStart.eq(period_start))
-    };
-    if db.get_database_backend() == DbBackend::Postgres {
-        AlertOutbox::find()
-            .select_only()
-            .column(Column::Id)
-            .filter(of_window())
-            .lock_exclusive()
-            .into_tuple::<i64>()
-            .all(db)
-            .await?;
-    }
-    AlertOutbox::delete_many()
-        .filter(of_window())
-        .filter(Column::PublishedAt.is_not_null())
+    AlertOutbox::update_many()
+        .col_expr(Column::Rearmed, Expr::value(true))
+        .filter(Column::ApiKeyId.eq(api_key_id))
+        .filter(Column::PeriodStart.eq(period_start))
         .exec(db)
         .await?;
     Ok(())
@@ -148,7 +158,7 @@ pub async fn take_pending(
     for (key, id) in held_elsewhere {
         if !taken_ids.contains(&id) {
             let oldest = oldest_held.entry(key).or_insert(id);
-            *oldest = (*oldest).min(id);
+            *oldest = Ord::min(*oldest, id);
         }
     }
     taken.retain(|row| {
@@ -159,23 +169,22 @@ pub async fn take_pending(
     Ok(taken)
 }
 
-/// Marks the alerts `ids` as confirmed by the broker at `now`.
+/// Marks the firings `sent` (id and revision) as confirmed by the broker at `now`; a row fired
+/// again since it was taken (a newer revision) stays unpublished.
 pub async fn mark_published(
     db: &impl ConnectionTrait,
-    ids: Vec<i64>,
+    sent: &[(i64, i64)],
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    if ids.is_empty() {
-        return Ok(());
+    // One statement per alert: alerts are few (one per key and threshold and month).
+    for &(id, revision) in sent {
+        AlertOutbox::update_many()
+            .col_expr(Column::PublishedAt, Expr::value(Some(now)))
+            .filter(Column::Id.eq(id))
+            .filter(Column::Revision.eq(revision))
+            .exec(db)
+            .await?;
     }
-    AlertOutbox::update_many()
-        .col_expr(
-            Column::PublishedAt,
-            sea_orm::sea_query::Expr::value(Some(now)),
-        )
-        .filter(Column::Id.is_in(ids))
-        .exec(db)
-        .await?;
     Ok(())
 }
 

@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 use entity::api_keys::{self, ActiveModel, Column, Entity as ApiKeys, Model};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Set, SqlErr, Statement, TransactionSession, TransactionTrait,
+    QueryOrder, QuerySelect, Set, SqlErr, SqliteTransactionMode, Statement, TransactionOptions,
+    TransactionSession, TransactionTrait,
 };
 
 use super::alerts::{delete_key_alerts, rearm_window, record_alerts};
@@ -162,7 +163,15 @@ pub async fn update_key<C>(
 where
     C: TransactionTrait + ConnectionTrait,
 {
-    let txn = db.begin().await?;
+    // On SQLite a write lock from the start: a read that turns into a write fails at once
+    // (SQLITE_BUSY_SNAPSHOT, no waiting) when another connection committed in between, such as
+    // a batch or the alerts publisher. PostgreSQL ignores the option.
+    let txn = db
+        .begin_with_options(TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..Default::default()
+        })
+        .await?;
     let mut select = ApiKeys::find_by_id(id).filter(Column::Username.eq(username));
     if txn.get_database_backend() == DbBackend::Postgres {
         select = select.lock_exclusive();

@@ -143,3 +143,39 @@ async fn patch_quota(service: &Service, key: i64, quota: i64) {
         .expect("the service answers HTTP");
     assert_eq!(response.status(), 200);
 }
+
+#[test]
+fn a_threshold_out_of_range_stops_the_start_with_exit_code_2_naming_the_key() {
+    for thresholds in ["80,1001", "0", "80,-5"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quota-keeper"))
+            .arg("serve")
+            .current_dir(std::env::temp_dir())
+            .env("QUOTA__HTTP__BIND", "127.0.0.1:0")
+            .env("QUOTA__AMQP__ENABLED", "false")
+            .env("QUOTA__DATABASE__URL", "sqlite::memory:")
+            .env("QUOTA__ALERTS__THRESHOLDS_PERCENT", thresholds)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting on the child works") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{thresholds}: the service started instead of refusing the setting");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr is piped"), &mut stderr)
+            .expect("stderr is readable");
+        assert_eq!(status.code(), Some(2), "{thresholds}: {stderr}");
+        assert!(
+            stderr.contains("alerts.thresholds_percent"),
+            "{thresholds}: {stderr}"
+        );
+    }
+}

@@ -124,8 +124,13 @@ async fn one_event_from_0_to_120_percent_fires_80_then_100() {
     let (app, broker, mut listener) = alerting_app().await;
     app.create_key("alice", json!({"id": 2, "token_quota_monthly": 100}))
         .await;
+    let published = std::time::Instant::now();
     use_tokens(&app, &broker, 2, 120, 120).await;
     let eighty = listener.next(WAIT, "80 %").await;
+    println!(
+        "usage event published to its alert received: {:?} (flush interval 50 ms)",
+        published.elapsed()
+    );
     let hundred = listener.next(WAIT, "100 %").await;
     assert_eq!(
         (eighty.routing_key.as_str(), hundred.routing_key.as_str()),

@@ -103,6 +103,18 @@ async fn two_instances_send_each_alert_once() {
     }
     let db = database(&scenario).await;
     wait_for_unpublished(&db, 2 * keys.len()).await;
+    // Both publishers have tried to send the pending alerts (and failed): both will race for them.
+    eventually(
+        WAIT,
+        "both publishers to meet the pending alerts",
+        || async {
+            let tried =
+                |service: &Service| service.log().contains("threshold alerts not published");
+            (tried(&first) && tried(&second)).then_some(())
+        },
+    )
+    .await;
+    let rebound = std::time::Instant::now();
     listener.rebind().await;
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut order: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
@@ -114,6 +126,11 @@ async fn two_instances_send_each_alert_once() {
             .or_default()
             .push(alert.body["threshold_percent"].as_u64().unwrap_or_default());
     }
+    println!(
+        "{} alerts pending on two instances sent {:?} after the exchange came back",
+        2 * keys.len(),
+        rebound.elapsed()
+    );
     assert!(seen.values().all(|&copies| copies == 1), "{seen:?}");
     let keys_alerted: BTreeSet<i64> = order.keys().copied().collect();
     assert_eq!(keys_alerted, keys.iter().copied().collect());

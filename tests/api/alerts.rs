@@ -324,3 +324,46 @@ async fn alerts_work_on_sqlite() {
         "50.8"
     );
 }
+
+/// What a second instance's publisher takes while the first holds a key's older alert: the
+/// other keys' alerts, not that key's later one (a key's alerts go out in order).
+#[actix_web::test]
+async fn a_later_alert_of_a_key_waits_while_another_publisher_holds_an_earlier_one() {
+    use quota_keeper::db::alerts::{record_alerts, take_pending};
+    use quota_keeper::domain::alerts::Alert;
+    use sea_orm::TransactionTrait;
+
+    let app = spawn_app_on(Backend::Postgres, |_| {}).await;
+    let alert = |api_key_id: i64, threshold_percent: u32| Alert {
+        api_key_id,
+        username: "alice".into(),
+        threshold_percent,
+        token_quota_monthly: 100,
+        tokens_used_this_month: 100,
+        period_start: at("2026-11-01T00:00:00Z"),
+        quota_reset_at: at("2026-12-01T00:00:00Z"),
+        occurred_at: at("2026-11-23T10:00:00Z"),
+    };
+    let recorded = record_alerts(&app.db, &[alert(1, 80), alert(1, 100), alert(2, 80)])
+        .await
+        .unwrap();
+    assert_eq!(recorded, 3);
+    assert_eq!(
+        record_alerts(&app.db, &[alert(1, 80)]).await.unwrap(),
+        0,
+        "one alert per key, window and threshold"
+    );
+    let first = app.db.begin().await.unwrap();
+    let held = take_pending(&first, 1).await.unwrap();
+    assert_eq!((held[0].api_key_id, held[0].threshold_percent), (1, 80));
+    let second = app.db.begin().await.unwrap();
+    let taken: Vec<(i64, i32)> = take_pending(&second, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.api_key_id, row.threshold_percent))
+        .collect();
+    assert_eq!(taken, vec![(2, 80)]);
+    second.rollback().await.unwrap();
+    first.rollback().await.unwrap();
+}

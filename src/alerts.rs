@@ -211,13 +211,14 @@ impl AlertPublisher {
             }
         }
         // The writers have committed their last batch: send its alerts if the broker lets us.
-        if tokio::time::timeout(LAST_ROUND_TIMEOUT, self.round(&mut link))
-            .await
-            .is_err()
-        {
-            tracing::info!(
-                "last threshold alerts left in the outbox; the next instance to start sends them"
-            );
+        match tokio::time::timeout(LAST_ROUND_TIMEOUT, self.round(&mut link)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::info!(%error, "last threshold alerts left in the outbox; the next instance to run sends them")
+            }
+            Err(_) => tracing::info!(
+                "last threshold alerts left in the outbox; the next instance to run sends them"
+            ),
         }
         if let Some(link) = link {
             link.close().await;

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::actors::key_actor::{PendingTicket, UsageCommitted};
 use crate::actors::registry::KeyRegistry;
+use crate::alerts::Alerts;
 use crate::amqp::acks::{PendingAck, Settlement};
 use crate::clock::SharedClock;
 use crate::db::usage::{commit_batch, BatchError, BatchOutcome};
@@ -77,6 +78,8 @@ pub struct BatchWriter {
     pub registry: KeyRegistry,
     pub readiness: Arc<Readiness>,
     pub settings: IngestSettings,
+    /// Thresholds whose crossings a commit records, and the publisher to wake after one.
+    pub alerts: Alerts,
 }
 
 impl BatchWriter {
@@ -184,8 +187,18 @@ impl BatchWriter {
         let mut backoff = FIRST_RETRY_BACKOFF;
         loop {
             let started = std::time::Instant::now();
-            match commit_batch(&self.db, &events, self.clock.now()).await {
+            match commit_batch(
+                &self.db,
+                &events,
+                self.clock.now(),
+                self.alerts.thresholds(),
+            )
+            .await
+            {
                 Ok(outcome) => {
+                    if outcome.alerts_recorded > 0 {
+                        self.alerts.wake_publisher();
+                    }
                     metrics::histogram!(names::BATCH_COMMIT_SECONDS)
                         .record(started.elapsed().as_secs_f64());
                     self.readiness.set_database_error(None);

@@ -1,6 +1,7 @@
 //! quota-keeper: a monthly token quota per API key, enforced from memory by one actor per key.
 
 pub mod actors;
+pub mod alerts;
 pub mod amqp;
 pub mod clock;
 pub mod db;

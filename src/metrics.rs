@@ -19,6 +19,10 @@ pub const ROLLOVERS_TOTAL: &str = "quota_rollovers_total";
 pub const OWNED_SHARDS: &str = "quota_owned_shards";
 /// Requests sent to the owner of a key through the broker, by kind and outcome.
 pub const FORWARDED_REQUESTS_TOTAL: &str = "quota_forwarded_requests_total";
+/// Threshold alerts confirmed by the broker, by `threshold` (each configured percent).
+pub const ALERTS_PUBLISHED_TOTAL: &str = "quota_alerts_published_total";
+/// Threshold alerts recorded and not yet confirmed by the broker (every instance's, from the database).
+pub const ALERTS_PENDING: &str = "quota_alerts_pending";
 /// 1 while the broker is consumed (or not configured) and the last batch committed, else 0.
 pub const READY: &str = "quota_ready";
 
@@ -153,6 +157,16 @@ fn register_every_family() {
         FORWARDED_REQUESTS_TOTAL,
         "Requests sent to the owner of a key through the broker (checks, usage reads, admin changes), by kind and outcome."
     );
+    describe_counter!(
+        ALERTS_PUBLISHED_TOTAL,
+        "Threshold alerts published to quota.alerts and confirmed by the broker, by threshold percent."
+    );
+    // Its series, one per configured threshold, are created by `Alerts::register_metrics`.
+    describe_gauge!(
+        ALERTS_PENDING,
+        "Threshold alerts recorded and not yet confirmed by the broker (all instances)."
+    );
+    gauge!(ALERTS_PENDING).increment(0.0);
     for kind in FORWARDED_KINDS {
         for outcome in FORWARDED_OUTCOMES {
             counter!(FORWARDED_REQUESTS_TOTAL, "kind" => *kind, "outcome" => *outcome).increment(0);

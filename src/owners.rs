@@ -133,7 +133,10 @@ impl Owners {
         {
             return Ok(answer?);
         }
-        let updated = api_keys::update_key(db, id, username, change, now).await?;
+        let alerts = self.registry.alerts();
+        let updated =
+            api_keys::update_key(db, id, username, change, now, alerts.thresholds()).await?;
+        alerts.wake_publisher();
         if updated.is_some() {
             self.tell_owner(id).await;
         }

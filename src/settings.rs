@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::domain::alerts::{Thresholds, THRESHOLD_RANGE};
+
 /// An invalid or unreadable setting, named by its key.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -30,6 +32,7 @@ pub struct Settings {
     pub check: CheckSettings,
     pub ingest: IngestSettings,
     pub actors: ActorSettings,
+    pub alerts: AlertSettings,
     pub log: LogSettings,
 }
 
@@ -181,6 +184,38 @@ impl Default for ActorSettings {
     }
 }
 
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertSettings {
+    /// Shares of a key's quota, in percent (1–1000), whose first crossing in a window is
+    /// published to `quota.alerts`. Read as signed so a negative value is named, not a parse error.
+    pub thresholds_percent: Vec<i64>,
+}
+
+impl Default for AlertSettings {
+    fn default() -> Self {
+        AlertSettings {
+            thresholds_percent: Thresholds::default()
+                .percents()
+                .iter()
+                .map(|&percent| i64::from(percent))
+                .collect(),
+        }
+    }
+}
+
+impl AlertSettings {
+    /// The validated thresholds; `Err` with the offending value.
+    pub fn thresholds(&self) -> Result<Thresholds, i64> {
+        let percents = self
+            .thresholds_percent
+            .iter()
+            .map(|&percent| u32::try_from(percent).map_err(|_| percent))
+            .collect::<Result<Vec<u32>, i64>>()?;
+        Thresholds::new(&percents).map_err(i64::from)
+    }
+}
+
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -216,7 +251,10 @@ impl Settings {
                 config::Environment::with_prefix("QUOTA")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    // `QUOTA__ALERTS__THRESHOLDS_PERCENT=50,90`; no other key is a list.
+                    .list_separator(",")
+                    .with_list_parse_key("alerts.thresholds_percent"),
             )
             .build()?
             .try_deserialize()?;
@@ -317,6 +355,23 @@ impl Settings {
         if self.actors.idle_timeout_secs == 0 {
             return Err(invalid("actors.idle_timeout_secs", "must be at least 1"));
         }
+        // Empty would record nothing, silently; an operator who does not want alerts binds no queue.
+        if self.alerts.thresholds_percent.is_empty() {
+            return Err(invalid(
+                "alerts.thresholds_percent",
+                "must name at least one percent",
+            ));
+        }
+        if let Err(outside) = self.alerts.thresholds() {
+            return Err(invalid(
+                "alerts.thresholds_percent",
+                format!(
+                    "{outside} is not between {} and {}",
+                    THRESHOLD_RANGE.start(),
+                    THRESHOLD_RANGE.end()
+                ),
+            ));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -353,6 +408,33 @@ mod tests {
         }
         settings.amqp.url = "amqp://guest:guest@127.0.0.1:5672/qk_vhost?heartbeat=5".into();
         assert!(settings.validate().is_ok());
+    }
+
+    #[test]
+    fn alert_thresholds_default_to_80_and_100_and_stay_within_1_to_1000() {
+        let mut settings = Settings::default();
+        assert_eq!(settings.alerts.thresholds().unwrap().percents(), &[80, 100]);
+        for outside in [0, -80, 1001] {
+            settings.alerts.thresholds_percent = vec![80, outside];
+            let error = settings.validate().unwrap_err().to_string();
+            assert!(error.contains("alerts.thresholds_percent"), "{error}");
+        }
+        settings.alerts.thresholds_percent = vec![];
+        assert!(settings.validate().is_err());
+        settings.alerts.thresholds_percent = vec![1000, 1, 50];
+        assert_eq!(
+            settings.alerts.thresholds().unwrap().percents(),
+            &[1, 50, 1000]
+        );
+    }
+
+    #[test]
+    fn alert_thresholds_come_from_the_environment_as_a_comma_separated_list() {
+        // A file path that does not exist: only the environment counts.
+        std::env::set_var("QUOTA__ALERTS__THRESHOLDS_PERCENT", "50,90");
+        let loaded = Settings::load(Path::new("/nonexistent/quota-keeper.toml"), false);
+        std::env::remove_var("QUOTA__ALERTS__THRESHOLDS_PERCENT");
+        assert_eq!(loaded.unwrap().alerts.thresholds_percent, vec![50, 90]);
     }
 
     #[test]

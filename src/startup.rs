@@ -17,6 +17,7 @@ use actix::{Actor, Addr};
 
 use crate::actors::registry::KeyRegistry;
 use crate::actors::scheduler::Scheduler;
+use crate::alerts::{AlertPublisher, Alerts};
 use crate::amqp::control::Forwarder;
 use crate::amqp::ownership::Ownership;
 use crate::amqp::AmqpService;
@@ -49,6 +50,9 @@ pub struct Application {
     shutdown: CancellationToken,
     amqp_task: Option<JoinHandle<()>>,
     writer_task: JoinHandle<()>,
+    /// Cancelled once the writers have committed their last batch.
+    alerts_stop: CancellationToken,
+    alerts_task: Option<JoinHandle<()>>,
 }
 
 impl Application {
@@ -58,8 +62,16 @@ impl Application {
         // actor started and then dropped with the failed start panicked outside the runtime).
         let listener = TcpListener::bind(&settings.http.bind)
             .with_context(|| format!("Failed to bind HTTP on {}", settings.http.bind))?;
+        // Validated again here: tests build settings without `Settings::load`.
+        let thresholds = settings.alerts.thresholds().map_err(|outside| {
+            anyhow::anyhow!(
+                "invalid setting alerts.thresholds_percent: {outside} is not between 1 and 1000"
+            )
+        })?;
         // First: every family is registered at 0 and what is built below records into it.
         let metrics = crate::metrics::prometheus_handle();
+        let alerts = Alerts::new(thresholds);
+        alerts.register_metrics();
         let db = db::connect_and_migrate(&settings.database)
             .await
             .context("Failed to open the database and apply migrations")?;
@@ -79,6 +91,7 @@ impl Application {
             settings.check.unknown_key,
             Duration::from_secs(settings.actors.idle_timeout_secs),
             settings.actors.arbiters,
+            alerts.clone(),
         );
         let scheduler = Scheduler {
             db: db.clone(),
@@ -96,8 +109,25 @@ impl Application {
             registry: registry.clone(),
             readiness: readiness.clone(),
             settings: settings.ingest.clone(),
+            alerts: alerts.clone(),
         }
         .spawn();
+        // Alerts are recorded with or without a broker; only an instance with one sends them.
+        let alerts_stop = CancellationToken::new();
+        let alerts_task = settings.amqp.enabled.then(|| {
+            AlertPublisher {
+                db: db.clone(),
+                clock: clock.clone(),
+                alerts: alerts.clone(),
+                amqp_url: crate::amqp::with_heartbeat(
+                    &settings.amqp.url,
+                    settings.amqp.heartbeat_secs,
+                ),
+                max_backoff: Duration::from_millis(settings.amqp.reconnect_max_backoff_ms),
+                stop: alerts_stop.clone(),
+            }
+            .spawn()
+        });
         let shutdown = CancellationToken::new();
         let ownership = settings.amqp.enabled.then(|| {
             Arc::new(Ownership::new(
@@ -175,6 +205,8 @@ impl Application {
             shutdown,
             amqp_task,
             writer_task,
+            alerts_stop,
+            alerts_task,
         })
     }
 
@@ -231,6 +263,11 @@ impl Application {
             .is_err()
         {
             tracing::warn!("the last batch was not committed in time; it will be redelivered");
+        }
+        // The last batch's alerts, if the broker takes them in time; else they wait in the outbox.
+        self.alerts_stop.cancel();
+        if let Some(alerts_task) = self.alerts_task {
+            let _ = tokio::time::timeout_at(deadline - HTTP_RESERVE, alerts_task).await;
         }
         // Requests in progress may finish within the budget; then the server stops regardless.
         if tokio::time::timeout_at(deadline, handle.stop(true))

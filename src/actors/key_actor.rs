@@ -310,6 +310,7 @@ impl Handler<UpdateKey> for KeyActor {
     fn handle(&mut self, msg: UpdateKey, _: &mut Self::Context) -> Self::Result {
         let ready = self.ready_for_admin();
         let db = self.shared.db.clone();
+        let alerts = self.shared.alerts.clone();
         let now = self.shared.clock.now();
         let id = self.id;
         // Atomic: no check runs between the write and the new state, so the next check sees the change.
@@ -319,9 +320,19 @@ impl Handler<UpdateKey> for KeyActor {
                     return Ok(None);
                 }
                 // The owner is checked in the database: actors keep no usernames, to stay small.
-                api_keys::update_key(&db, id, &msg.username, msg.change, now)
-                    .await
-                    .map_err(database_unavailable)
+                let updated = api_keys::update_key(
+                    &db,
+                    id,
+                    &msg.username,
+                    msg.change,
+                    now,
+                    alerts.thresholds(),
+                )
+                .await
+                .map_err(database_unavailable)?;
+                // A lowered quota may have recorded alerts (a quick look at nothing otherwise).
+                alerts.wake_publisher();
+                Ok(updated)
             }
             .into_actor(self)
             .map(|result, actor, _| {

@@ -17,6 +17,7 @@ use super::key_actor::{
     StopKeyActor, UpdateKey, UsageCommitted, UsageRecorded, WindowRolled,
 };
 use super::loader::KeyLoader;
+use crate::alerts::Alerts;
 use crate::clock::SharedClock;
 use crate::db::api_keys::KeyChange;
 use crate::db::rollover::RolledChunk;
@@ -38,6 +39,8 @@ pub struct RegistryShared {
     pub(crate) clock: SharedClock,
     pub(crate) unknown_key: UnknownKeyPolicy,
     pub(crate) idle_timeout: Duration,
+    /// Admin changes record the alerts a lowered quota crosses, and wake the publisher.
+    pub(crate) alerts: Alerts,
     stripes: Vec<Mutex<HashMap<i64, Entry>>>,
     arbiters: Vec<ArbiterHandle>,
     /// Origin of `Entry::last_used_secs`.
@@ -142,6 +145,7 @@ impl KeyRegistry {
         unknown_key: UnknownKeyPolicy,
         idle_timeout: Duration,
         arbiters: usize,
+        alerts: Alerts,
     ) -> KeyRegistry {
         let count = if arbiters == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -155,6 +159,7 @@ impl KeyRegistry {
             clock,
             unknown_key,
             idle_timeout,
+            alerts,
             stripes: (0..MAP_STRIPES)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
@@ -178,6 +183,11 @@ impl KeyRegistry {
             home: None,
             shard: None,
         }
+    }
+
+    /// The alert thresholds and the publisher's wake-up, for changes made outside the actors.
+    pub fn alerts(&self) -> &Alerts {
+        &self.shared.alerts
     }
 
     /// Number of arbiters running key actors.

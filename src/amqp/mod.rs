@@ -582,7 +582,7 @@ impl ShardLoop {
 }
 
 /// Adds `heartbeat=N` to the URL unless it sets one.
-fn with_heartbeat(url: &str, heartbeat_secs: u16) -> String {
+pub(crate) fn with_heartbeat(url: &str, heartbeat_secs: u16) -> String {
     if url.contains("heartbeat=") {
         url.to_string()
     } else if url.contains('?') {

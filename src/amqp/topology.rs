@@ -12,6 +12,8 @@ use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 pub const USAGE_EXCHANGE: &str = "quota.usage";
 /// Public exchange for check requests (fanout, bound into the shard exchange).
 pub const CHECK_EXCHANGE: &str = "quota.check";
+/// Public exchange the service publishes threshold alerts to (topic, `<percent>.<api_key_id>`).
+pub const ALERTS_EXCHANGE: &str = "quota.alerts";
 /// Internal consistent-hash exchange: the routing key (the key id) picks the shard queue.
 pub const SHARD_EXCHANGE: &str = "quota.shard";
 /// Durable queue of refused usage messages, each with an `x-quota-error` header.
@@ -115,7 +117,8 @@ pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
     declare_shards(channel, shards).await
 }
 
-/// The public exchanges and the dead-letter queue, the same in both layouts.
+/// The public exchanges and the dead-letter queue, the same in both layouts. The alerts
+/// publisher does not declare `quota.alerts` itself: it is declared here, at every connect.
 async fn declare_public(channel: &Channel) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
@@ -131,6 +134,14 @@ async fn declare_public(channel: &Channel) -> lapin::Result<()> {
             )
             .await?;
     }
+    channel
+        .exchange_declare(
+            ALERTS_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
     channel
         .queue_declare(
             DEAD_LETTER_QUEUE.into(),

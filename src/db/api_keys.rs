@@ -4,12 +4,15 @@ use chrono::{DateTime, Utc};
 use entity::api_keys::{self, ActiveModel, Column, Entity as ApiKeys, Model};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Set, SqlErr, Statement, TransactionSession, TransactionTrait,
+    QueryOrder, QuerySelect, Set, SqlErr, SqliteTransactionMode, Statement, TransactionOptions,
+    TransactionSession, TransactionTrait,
 };
 
+use super::alerts::{delete_key_alerts, rearm_window, record_alerts};
 use super::usage::add_to_history;
+use crate::domain::alerts::{CounterChange, Thresholds};
 use crate::domain::quota::QuotaState;
-use crate::domain::window::next_window_start;
+use crate::domain::window::{next_window_start, window_ending_at};
 
 /// What an operator asks for when creating a key.
 #[derive(Clone, Debug, Default)]
@@ -147,18 +150,28 @@ pub async fn list_user_keys(
 /// Applies `change` to key `id` of `username` at `now`; `None` when it is not that user's key.
 ///
 /// In one transaction, with the row locked: a lapsed window is first rolled over (archived into
-/// history), so neither the change nor `reset_usage` can lose a closed month's total.
+/// history), so neither the change nor `reset_usage` can lose a closed month's total. A quota
+/// lowered below the usage records the `thresholds` it crosses; `reset_usage` re-arms them.
 pub async fn update_key<C>(
     db: &C,
     id: i64,
     username: &str,
     change: KeyChange,
     now: DateTime<Utc>,
+    thresholds: &Thresholds,
 ) -> Result<Option<Model>, DbErr>
 where
     C: TransactionTrait + ConnectionTrait,
 {
-    let txn = db.begin().await?;
+    // On SQLite a write lock from the start: a read that turns into a write fails at once
+    // (SQLITE_BUSY_SNAPSHOT, no waiting) when another connection committed in between, such as
+    // a batch or the alerts publisher. PostgreSQL ignores the option.
+    let txn = db
+        .begin_with_options(TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..Default::default()
+        })
+        .await?;
     let mut select = ApiKeys::find_by_id(id).filter(Column::Username.eq(username));
     if txn.get_database_backend() == DbBackend::Postgres {
         select = select.lock_exclusive();
@@ -174,6 +187,7 @@ where
     };
     let closed = state.roll_over_if_lapsed(now);
     let mut version = current.counter_version;
+    let quota_before = current.token_quota_monthly;
     let mut row: ActiveModel = current.into();
     if let Some(closed) = closed {
         let history = std::iter::once(((id, closed.window), closed.tokens)).collect();
@@ -195,6 +209,19 @@ where
         row.counter_version = Set(version + 1);
     }
     let updated = row.update(&txn).await?;
+    if change.reset_usage {
+        rearm_window(&txn, id, window_ending_at(updated.quota_reset_at).start).await?;
+    }
+    let counter_change = CounterChange {
+        api_key_id: id,
+        username: &updated.username,
+        quota_before,
+        used_before: state.used,
+        quota: updated.token_quota_monthly,
+        used: updated.tokens_used_this_month,
+        reset_at: updated.quota_reset_at,
+    };
+    record_alerts(&txn, &counter_change.alerts(thresholds, now)).await?;
     txn.commit().await?;
     Ok(Some(updated))
 }
@@ -216,6 +243,7 @@ where
             .filter(entity::usage_history::Column::ApiKeyId.eq(id))
             .exec(&txn)
             .await?;
+        delete_key_alerts(&txn, id).await?;
     }
     txn.commit().await?;
     Ok(deleted.rows_affected > 0)

@@ -1,5 +1,6 @@
 //! Database access: connection with migrations, and query functions over any `ConnectionTrait`.
 
+pub mod alerts;
 pub mod api_keys;
 pub mod rollover;
 pub mod usage;

@@ -1,4 +1,5 @@
-//! One batch of usage events in one transaction: dedupe event ids, roll lapsed keys, add per-key sums.
+//! One batch of usage events in one transaction: dedupe event ids, roll lapsed keys, add per-key
+//! sums, record the threshold alerts the sums cross.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -12,6 +13,7 @@ use sea_orm::{
     QuerySelect, RuntimeErr, Statement, TransactionSession, TransactionTrait,
 };
 
+use crate::domain::alerts::{CounterChange, Thresholds};
 use crate::domain::quota::QuotaState;
 use crate::domain::usage::UsageEvent;
 use crate::domain::window::{window_containing, Window};
@@ -39,6 +41,8 @@ pub struct BatchOutcome {
     pub late: usize,
     /// Counters of every existing key the batch touched.
     pub counters: Vec<CommittedCounter>,
+    /// Threshold alerts the batch recorded in the outbox (crossings not alerted before).
+    pub alerts_recorded: u64,
 }
 
 /// Why a batch did not commit.
@@ -106,17 +110,19 @@ fn refusal_reason(error: &DbErr) -> Option<String> {
     })
 }
 
-/// Commits `events` at `now` in one transaction; see the module doc for the steps.
+/// Commits `events` at `now` in one transaction; see the module doc for the steps. A key whose
+/// counter crosses one of `thresholds` gets its alert recorded in the same transaction.
 pub async fn commit_batch<C>(
     db: &C,
     events: &[&UsageEvent],
     now: DateTime<Utc>,
+    thresholds: &Thresholds,
 ) -> Result<BatchOutcome, BatchError>
 where
     C: TransactionTrait,
 {
     let txn = db.begin().await?;
-    let outcome = apply_batch(&txn, events, now).await?;
+    let outcome = apply_batch(&txn, events, now, thresholds).await?;
     txn.commit().await?;
     Ok(outcome)
 }
@@ -125,6 +131,7 @@ async fn apply_batch(
     txn: &impl ConnectionTrait,
     events: &[&UsageEvent],
     now: DateTime<Utc>,
+    thresholds: &Thresholds,
 ) -> Result<BatchOutcome, BatchError> {
     let mut outcome = BatchOutcome::default();
     // 1. Dedupe inside the batch, then against every id ever committed: only newly inserted ids count.
@@ -181,6 +188,7 @@ async fn apply_batch(
     let mut increments: Vec<(i64, i64)> = Vec::new();
     let mut rolled: Vec<CommittedCounter> = Vec::new();
     let mut history: BTreeMap<(i64, Window), i64> = BTreeMap::new();
+    let mut alerts = Vec::new();
     for (&key_id, windows) in &per_key {
         let Some(row) = rows.get(&key_id) else {
             outcome.unknown_key += windows.values().map(|(_, count)| count).sum::<usize>();
@@ -223,6 +231,20 @@ async fn apply_batch(
                 i64::MAX,
                 state.used
             )));
+        }
+        if current_delta != 0 {
+            // Before and after, read under the row lock: whichever instance commits the
+            // crossing sees it, and only once.
+            let change = CounterChange {
+                api_key_id: key_id,
+                username: &row.username,
+                quota_before: row.token_quota_monthly,
+                used_before: state.used,
+                quota: row.token_quota_monthly,
+                used: state.used.saturating_add(current_delta),
+                reset_at: state.reset_at,
+            };
+            alerts.extend(change.alerts(thresholds, now));
         }
         if closed.is_some() {
             rolled.push(CommittedCounter {
@@ -273,6 +295,7 @@ async fn apply_batch(
         history_fits_on_sqlite(txn, &history).await?;
     }
     add_to_history(txn, &history).await?;
+    outcome.alerts_recorded = super::alerts::record_alerts(txn, &alerts).await?;
     Ok(outcome)
 }
 

@@ -1,5 +1,6 @@
 //! Pure quota domain: windows, check decisions, rollover and wire-message validation. No IO, no clock reads.
 
+pub mod alerts;
 pub mod check;
 pub mod quota;
 pub mod usage;

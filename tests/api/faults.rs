@@ -466,7 +466,13 @@ async fn the_database_refusing_a_batch_is_told_from_an_outage_on_both_backends()
         };
         let poison = late("poison", 1);
         let fine = late("fine", 2);
-        let refused = commit_batch(&app.db, &[&fine, &poison], crate::helpers::test_now()).await;
+        let refused = commit_batch(
+            &app.db,
+            &[&fine, &poison],
+            crate::helpers::test_now(),
+            &Default::default(),
+        )
+        .await;
         match refused {
             Err(BatchError::Refused(reason)) => {
                 // PostgreSQL refuses it itself (SQLSTATE 22003); SQLite would store a float, so
@@ -479,9 +485,14 @@ async fn the_database_refusing_a_batch_is_told_from_an_outage_on_both_backends()
             }
             other => panic!("{backend:?}: expected a refusal, got {other:?}"),
         }
-        let committed = commit_batch(&app.db, &[&fine], crate::helpers::test_now())
-            .await
-            .expect("the event alone commits");
+        let committed = commit_batch(
+            &app.db,
+            &[&fine],
+            crate::helpers::test_now(),
+            &Default::default(),
+        )
+        .await
+        .expect("the event alone commits");
         assert_eq!(committed.late, 1, "{backend:?}");
     }
 }
@@ -527,7 +538,13 @@ async fn a_passing_database_error_is_an_outage_not_a_refusal() {
         tokens: 10,
         occurred_at: crate::helpers::test_now(),
     };
-    let outcome = commit_batch(&writer, &[&event], crate::helpers::test_now()).await;
+    let outcome = commit_batch(
+        &writer,
+        &[&event],
+        crate::helpers::test_now(),
+        &Default::default(),
+    )
+    .await;
     holder.rollback().await.expect("released");
     match outcome {
         Err(BatchError::Unavailable(error)) => {
@@ -535,9 +552,14 @@ async fn a_passing_database_error_is_an_outage_not_a_refusal() {
         }
         other => panic!("expected an outage, got {other:?}"),
     }
-    let committed = commit_batch(&writer, &[&event], crate::helpers::test_now())
-        .await
-        .expect("commits once the lock is free");
+    let committed = commit_batch(
+        &writer,
+        &[&event],
+        crate::helpers::test_now(),
+        &Default::default(),
+    )
+    .await
+    .expect("commits once the lock is free");
     assert_eq!(committed.counted, 1);
 }
 
@@ -606,13 +628,13 @@ async fn a_late_event_on_top_of_a_full_closed_window_is_refused() {
         let current = event("current", "2026-12-02T00:00:00Z");
         // December: November (at MAX - 5) closes in this very batch.
         let december = at("2026-12-02T00:00:00Z");
-        match commit_batch(&app.db, &[&current, &late], december).await {
+        match commit_batch(&app.db, &[&current, &late], december, &Default::default()).await {
             Err(BatchError::Refused(reason)) => {
                 assert!(reason.contains("would pass"), "{backend:?}: {reason}")
             }
             other => panic!("{backend:?}: expected a refusal, got {other:?}"),
         }
-        let outcome = commit_batch(&app.db, &[&current], december)
+        let outcome = commit_batch(&app.db, &[&current], december, &Default::default())
             .await
             .expect("the current event alone commits");
         assert_eq!(outcome.counted, 1, "{backend:?}");

@@ -5,6 +5,7 @@ mod common;
 
 mod acks;
 mod admin;
+mod alerts;
 mod checks;
 mod faults;
 mod helpers;

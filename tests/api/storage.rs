@@ -59,6 +59,7 @@ async fn keys_round_trip(backend: Backend) {
             ..Default::default()
         },
         test_now(),
+        &Default::default(),
     )
     .await
     .unwrap()

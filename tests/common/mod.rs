@@ -3,6 +3,7 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod alerts;
 pub mod broker;
 
 use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};

@@ -34,7 +34,16 @@ async fn a_fresh_service_exports_every_family_and_known_label_at_zero() {
             assert!(page.contains(&series), "{series} missing:\n{page}");
         }
     }
+    // One series per configured threshold (the default 80 and 100), and the backlog.
+    for series in [
+        "quota_alerts_published_total{threshold=\"80\"} 0",
+        "quota_alerts_published_total{threshold=\"100\"} 0",
+        "quota_alerts_pending 0",
+    ] {
+        assert!(page.contains(series), "{series} missing:\n{page}");
+    }
     // HTTP only: nothing to consume, so the service is ready.
+
     assert!(page.contains("quota_ready 1"), "{page}");
     assert!(
         page.contains("quota_batch_commit_seconds_count 0"),

@@ -119,18 +119,29 @@ pub fn rabbitmqctl(args: &[&str]) {
 /// The broker plugin of the sharded layout, as tests expect it.
 pub const CONSISTENT_HASH_PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
 
-/// `rabbitmq-plugins enable|disable PLUGIN` on the local node (node-wide).
+/// `rabbitmq-plugins enable|disable PLUGIN` on the local node (node-wide). Tried three times:
+/// the command fails while another plugin change (from another test process) is under way.
 pub fn rabbitmq_plugins(action: &str, plugin: &str) {
-    let output = std::process::Command::new("rabbitmq-plugins")
-        .args([action, "--quiet", plugin])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("rabbitmq-plugins runs (tests run as root next to the broker)");
-    assert!(
-        output.status.success(),
-        "rabbitmq-plugins {action} {plugin}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let mut last_error = String::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+        let output = std::process::Command::new("rabbitmq-plugins")
+            .args([action, "--quiet", plugin])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("rabbitmq-plugins runs (tests run as root next to the broker)");
+        if output.status.success() {
+            return;
+        }
+        last_error = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    panic!("rabbitmq-plugins {action} {plugin} failed three times: {last_error}");
 }
 
 static PLUGIN_ENABLED: std::sync::Once = std::sync::Once::new();

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::domain::alerts::{Thresholds, THRESHOLD_RANGE};
@@ -107,8 +108,9 @@ impl Default for HttpSettings {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
-    /// HTTP Basic password of user `admin`; unset → admin routes answer 503.
-    pub password: Option<String>,
+    /// HTTP Basic password of user `admin`; unset → admin routes answer 503. A secret: its
+    /// `Debug` prints `[REDACTED]`, so settings can be logged.
+    pub password: Option<SecretString>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -309,7 +311,12 @@ impl Settings {
         if self.http.max_body_bytes < 256 {
             return Err(invalid("http.max_body_bytes", "must be at least 256"));
         }
-        if self.admin.password.as_deref() == Some("") {
+        if self
+            .admin
+            .password
+            .as_ref()
+            .is_some_and(|password| password.expose_secret().is_empty())
+        {
             return Err(invalid(
                 "admin.password",
                 "must not be empty (leave it unset to disable admin routes)",
@@ -393,9 +400,16 @@ mod tests {
         assert_eq!(settings.database.url, "sqlite://quota.db?mode=rwc");
         assert_eq!(settings.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(settings.http.bind, "127.0.0.1:8080");
-        assert_eq!(settings.admin.password, None);
+        assert!(settings.admin.password.is_none());
         assert_eq!(settings.scheduler.interval_ms, 60_000);
         assert_eq!(settings.check.unknown_key, UnknownKeyPolicy::Allow);
+    }
+
+    #[test]
+    fn the_admin_password_never_prints() {
+        let mut settings = Settings::default();
+        settings.admin.password = Some("hunter2-secret".into());
+        assert!(!format!("{settings:?}").contains("hunter2-secret"));
     }
 
     #[test]

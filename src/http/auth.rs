@@ -1,5 +1,6 @@
 //! `Admin` extractor: HTTP Basic `admin:<admin.password>`, compared in constant time.
 
+use secrecy::ExposeSecret;
 use std::future::{ready, Ready};
 
 use actix_web::http::header::{HeaderValue, AUTHORIZATION};
@@ -28,7 +29,11 @@ fn authenticate(req: &HttpRequest) -> Result<Admin, ApiError> {
     let state = req
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::Unavailable("application state missing".into()))?;
-    let Some(expected) = state.admin_password.as_deref() else {
+    let Some(expected) = state
+        .admin_password
+        .as_ref()
+        .map(ExposeSecret::expose_secret)
+    else {
         return Err(ApiError::AdminDisabled);
     };
     let basic = basic_credentials(req).ok_or(ApiError::Unauthorized)?;

@@ -18,6 +18,7 @@ use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::web;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sea_orm::DatabaseConnection;
+use secrecy::SecretString;
 
 use crate::actors::registry::KeyRegistry;
 use crate::amqp::ownership::Ownership;
@@ -30,7 +31,7 @@ pub struct AppState {
     pub db: DatabaseConnection,
     pub clock: SharedClock,
     /// `None` disables the admin routes (503).
-    pub admin_password: Option<String>,
+    pub admin_password: Option<SecretString>,
     pub max_body_bytes: usize,
     pub metrics: PrometheusHandle,
     pub readiness: Arc<Readiness>,

@@ -98,6 +98,8 @@ impl Application {
             settings: settings.ingest.clone(),
         }
         .spawn();
+        // Weak: the writer still ends once the consumers' handles are gone (graceful stop).
+        registry.attach_hold_writer(writer.downgrade());
         let shutdown = CancellationToken::new();
         let ownership = settings.amqp.enabled.then(|| {
             Arc::new(Ownership::new(

@@ -2,4 +2,5 @@
 
 pub mod api_keys;
 pub mod processed_events;
+pub mod reservations;
 pub mod usage_history;

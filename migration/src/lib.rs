@@ -6,6 +6,7 @@ mod m20261123_000001_create_api_keys;
 mod m20261123_000002_create_usage_history;
 mod m20261123_000003_create_processed_events;
 mod m20261124_000004_api_keys_fillfactor;
+mod m20261125_000005_create_reservations;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000002_create_usage_history::Migration),
             Box::new(m20261123_000003_create_processed_events::Migration),
             Box::new(m20261124_000004_api_keys_fillfactor::Migration),
+            Box::new(m20261125_000005_create_reservations::Migration),
         ]
     }
 }

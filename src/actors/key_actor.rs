@@ -1,4 +1,4 @@
-//! `KeyActor`: the single writer of one key's quota state, answering checks from memory.
+//! `KeyActor`: the single writer of one key's quota state and holds, answering checks from memory.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,11 +8,14 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use entity::api_keys::Model;
 
+use super::loader::LoadedKey;
 use super::registry::RegistryShared;
 use crate::db::api_keys::{self, KeyChange};
 use crate::db::usage::CommittedCounter;
-use crate::domain::check::CheckReply;
+use crate::domain::check::{CheckAsk, CheckReply};
 use crate::domain::quota::QuotaState;
+use crate::domain::reservation::{expiry_of, Hold, HoldChange, Holds, Reservation};
+use crate::metrics as names;
 use crate::settings::UnknownKeyPolicy;
 
 /// How long an actor that found no key (or could not load it) lives, absorbing repeated requests.
@@ -28,12 +31,12 @@ pub enum KeyError {
     Unavailable(String),
 }
 
-/// Answer a check from memory (rolling a lapsed window over first).
-#[derive(Clone, Copy, Debug, Message)]
+/// Answer a check from memory (rolling a lapsed window over first), granting the hold it asks
+/// for if it is allowed.
+#[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<CheckReply, KeyError>")]
 pub struct CheckQuota {
-    /// Estimated tokens of the coming request.
-    pub estimate: Option<i64>,
+    pub ask: CheckAsk,
 }
 
 /// Apply an admin change to the key if it belongs to `username`; `None` when it does not.
@@ -51,12 +54,14 @@ pub struct DeleteKey {
     pub username: String,
 }
 
-/// Count a validated usage event in memory at once, until the batch writer commits it.
-#[derive(Clone, Copy, Debug, Message)]
+/// Count a validated usage event in memory at once, until the batch writer commits it, and
+/// release the hold it names (settled, or voided with 0 tokens).
+#[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<UsageRecorded, KeyError>")]
 pub struct RecordUsage {
     pub tokens: i64,
     pub occurred_at: DateTime<Utc>,
+    pub reservation_id: Option<String>,
 }
 
 /// Tokens an actor holds as pending for one event; released when its batch commits.
@@ -108,6 +113,16 @@ pub struct DescribeKey;
 #[rtype(result = "Result<(), KeyError>")]
 pub struct RefreshKey;
 
+/// The key's live holds (expired ones released first); `None` for an unknown key.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "Result<Option<Vec<Reservation>>, KeyError>")]
+pub struct ListHolds;
+
+/// The registry's sweep: release the holds that have expired.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "()")]
+pub struct ExpireHolds;
+
 /// The registry saw no request for this key for the idle timeout: stop unless tokens are pending.
 #[derive(Clone, Copy, Debug, Message)]
 #[rtype(result = "()")]
@@ -141,6 +156,8 @@ struct Resident {
     reset_at: i64,
     /// `counter_version` of the stored row this view is based on.
     version: i64,
+    /// Live holds; `None` (one pointer) for the many keys without any.
+    holds: Option<Box<Holds>>,
 }
 
 impl Resident {
@@ -152,6 +169,36 @@ impl Resident {
             used: self.committed.saturating_add(self.pending),
             reset_at: instant_of(self.reset_at),
         }
+    }
+
+    fn reserved(&self) -> i64 {
+        self.holds.as_ref().map_or(0, |holds| holds.reserved())
+    }
+
+    fn hold_count(&self) -> usize {
+        self.holds.as_ref().map_or(0, |holds| holds.len())
+    }
+
+    /// Releases the holds expired at `now`; returns how many. An empty set is freed.
+    fn expire_holds(&mut self, now: DateTime<Utc>) -> usize {
+        let Some(holds) = &mut self.holds else {
+            return 0;
+        };
+        let expired = holds.expire(now.timestamp());
+        if holds.is_empty() {
+            self.holds = None;
+        }
+        expired
+    }
+
+    /// Releases the hold `id` if it lives; returns it. An empty set is freed.
+    fn release_hold(&mut self, id: &str) -> Option<Hold> {
+        let holds = self.holds.as_mut()?;
+        let released = holds.release(id);
+        if holds.is_empty() {
+            self.holds = None;
+        }
+        released
     }
 
     /// Adds tokens consumed but not yet committed, unless the counter would pass `i64::MAX`.
@@ -222,13 +269,65 @@ impl KeyActor {
             }
             _ => 0,
         };
+        // Holds are not tied to a window, and this actor is their authority: they stay.
+        let holds = match &mut self.state {
+            KeyState::Resident(resident) => resident.holds.take(),
+            _ => None,
+        };
         self.state = KeyState::Resident(Resident {
             quota: key.token_quota_monthly,
             committed: key.tokens_used_this_month,
             pending,
             reset_at: key.quota_reset_at.timestamp(),
             version: key.counter_version,
+            holds,
         });
+    }
+
+    /// Adopts a loaded key and its stored holds (granted by an earlier owner or incarnation).
+    fn become_resident_with_holds(&mut self, loaded: LoadedKey, ctx: &mut Context<Self>) {
+        self.become_resident(loaded.key);
+        let KeyState::Resident(resident) = &mut self.state else {
+            return;
+        };
+        if loaded.holds.is_empty() {
+            return;
+        }
+        let holds = resident.holds.get_or_insert_with(Box::default);
+        let before = holds.len();
+        for stored in loaded.holds {
+            let hold = Hold {
+                tokens: stored.tokens,
+                expires_at: stored.expires_at.timestamp(),
+            };
+            holds.grant(&stored.reservation_id, hold);
+        }
+        let added = holds.len() - before;
+        metrics::gauge!(names::RESERVATIONS_ACTIVE).increment(added as f64);
+        self.shared.note_holding(self.id, ctx.address());
+    }
+
+    /// After holds were released: counts them, and leaves the registry's expiry sweep when none is left.
+    fn holds_released(&mut self, count: usize, counter: &'static str) {
+        if count == 0 {
+            return;
+        }
+        metrics::counter!(counter).increment(count as u64);
+        metrics::gauge!(names::RESERVATIONS_ACTIVE).decrement(count as f64);
+        if let KeyState::Resident(resident) = &self.state {
+            if resident.holds.is_none() {
+                self.shared.forget_holding(self.id);
+            }
+        }
+    }
+
+    /// Releases the holds expired by now, counting them.
+    fn expire_due_holds(&mut self) {
+        let now = self.shared.clock.now();
+        if let KeyState::Resident(resident) = &mut self.state {
+            let expired = resident.expire_holds(now);
+            self.holds_released(expired, names::RESERVATIONS_EXPIRED_TOTAL);
+        }
     }
 
     /// Whether an admin change can go ahead: `false` for an unknown key, `Err` if it did not load.
@@ -239,8 +338,9 @@ impl KeyActor {
         }
     }
 
+    /// Pending tokens or live holds: the actor must stay (holds are answered from memory only).
     fn has_pending(&self) -> bool {
-        matches!(&self.state, KeyState::Resident(resident) if resident.pending != 0)
+        matches!(&self.state, KeyState::Resident(resident) if resident.pending != 0 || resident.holds.is_some())
     }
 
     /// The resident state as of now, a lapsed window rolled over first; `None` for an unknown
@@ -270,7 +370,7 @@ impl Actor for KeyActor {
         if loading {
             ctx.wait(async move { loader.load(id).await }.into_actor(self).map(
                 move |loaded, actor, ctx| match loaded {
-                    Ok(Some(key)) => actor.become_resident(key),
+                    Ok(Some(loaded)) => actor.become_resident_with_holds(loaded, ctx),
                     Ok(None) => {
                         actor.state = KeyState::Unknown;
                         ctx.run_later(NEGATIVE_ENTRY_LIFETIME, |_, ctx| ctx.stop());
@@ -287,6 +387,14 @@ impl Actor for KeyActor {
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
         metrics::gauge!(crate::metrics::RESIDENT_KEY_ACTORS).decrement(1.0);
+        if let KeyState::Resident(resident) = &self.state {
+            // Stored (or queued for the writer): the next owner of the key loads them.
+            let held = resident.hold_count();
+            if held > 0 {
+                metrics::gauge!(names::RESERVATIONS_ACTIVE).decrement(held as f64);
+                self.shared.forget_holding(self.id);
+            }
+        }
         self.shared.forget(self.id, &ctx.address());
     }
 }
@@ -294,13 +402,67 @@ impl Actor for KeyActor {
 impl Handler<CheckQuota> for KeyActor {
     type Result = Result<CheckReply, KeyError>;
 
-    fn handle(&mut self, msg: CheckQuota, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: CheckQuota, ctx: &mut Self::Context) -> Self::Result {
         let id = self.id;
         let allow_unknown = self.shared.unknown_key == UnknownKeyPolicy::Allow;
-        Ok(match self.resident_now()? {
-            Some(resident) => CheckReply::for_known_key(id, &resident.view(), msg.estimate),
-            None => CheckReply::for_unknown_key(id, allow_unknown),
-        })
+        let now = self.shared.clock.now();
+        if self.resident_now()?.is_some() {
+            self.expire_due_holds();
+        }
+        let Some(resident) = self.resident_now()? else {
+            return Ok(CheckReply::for_unknown_key(id, allow_unknown));
+        };
+        let view = resident.view();
+        let reserved = resident.reserved();
+        let Some(reserve) = msg.ask.reserve.as_ref() else {
+            return Ok(CheckReply::for_known_key(
+                id,
+                &view,
+                reserved,
+                msg.ask.estimate(),
+            ));
+        };
+        // Idempotent by reservation_id: a retried hold returns the hold, never holds twice.
+        if let Some(hold) = resident.holds.as_ref().and_then(|h| h.get(&reserve.id)) {
+            return Ok(CheckReply::for_known_key(id, &view, reserved, None)
+                .with_existing_hold(hold.view(&reserve.id)));
+        }
+        let mut reply = CheckReply::for_known_key(id, &view, reserved, Some(reserve.tokens));
+        if !reply.allowed {
+            return Ok(reply);
+        }
+        let hold = Hold {
+            tokens: reserve.tokens,
+            expires_at: expiry_of(now, reserve.ttl_secs),
+        };
+        let first = resident.holds.is_none();
+        resident
+            .holds
+            .get_or_insert_with(Box::default)
+            .grant(&reserve.id, hold);
+        reply.tokens_reserved = resident.reserved();
+        reply.remaining = reply
+            .remaining
+            .map(|remaining| remaining.saturating_sub(reserve.tokens).max(0));
+        reply.reservation = Some(hold.view(&reserve.id));
+        metrics::counter!(names::RESERVATIONS_GRANTED_TOTAL).increment(1);
+        metrics::gauge!(names::RESERVATIONS_ACTIVE).increment(1.0);
+        if first {
+            self.shared.note_holding(id, ctx.address());
+        }
+        // Durable with the lane's next batch; the reply does not wait for it (SPEC §2.3: only
+        // holds granted within the last flush interval before a crash may be lost).
+        if let Some(writer) = self.shared.hold_writer() {
+            writer.submit_hold(
+                id,
+                HoldChange::Granted {
+                    api_key_id: id,
+                    id: reserve.id.clone(),
+                    hold,
+                },
+            );
+        }
+        Ok(reply)
     }
 }
 
@@ -368,6 +530,24 @@ impl Handler<RecordUsage> for KeyActor {
 
     fn handle(&mut self, msg: RecordUsage, _: &mut Self::Context) -> Self::Result {
         let generation = self.generation;
+        if self.resident_now()?.is_none() {
+            return Ok(UsageRecorded::UnknownKey);
+        }
+        self.expire_due_holds();
+        if let Some(reservation_id) = &msg.reservation_id {
+            // Whatever the amount, late or not: the request is over. An expired, voided or
+            // unknown hold releases nothing; the usage counts all the same.
+            let released = match &mut self.state {
+                KeyState::Resident(resident) => resident.release_hold(reservation_id).is_some(),
+                _ => false,
+            };
+            let counter = if msg.tokens == 0 {
+                names::RESERVATIONS_VOIDED_TOTAL
+            } else {
+                names::RESERVATIONS_SETTLED_TOTAL
+            };
+            self.holds_released(usize::from(released), counter);
+        }
         let Some(resident) = self.resident_now()? else {
             return Ok(UsageRecorded::UnknownKey);
         };
@@ -443,6 +623,31 @@ impl Handler<DescribeKey> for KeyActor {
     }
 }
 
+impl Handler<ListHolds> for KeyActor {
+    type Result = Result<Option<Vec<Reservation>>, KeyError>;
+
+    fn handle(&mut self, _: ListHolds, _: &mut Self::Context) -> Self::Result {
+        if self.resident_now()?.is_none() {
+            return Ok(None);
+        }
+        self.expire_due_holds();
+        Ok(self.resident_now()?.map(|resident| {
+            resident
+                .holds
+                .as_ref()
+                .map_or_else(Vec::new, |holds| holds.list())
+        }))
+    }
+}
+
+impl Handler<ExpireHolds> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, _: ExpireHolds, _: &mut Self::Context) {
+        self.expire_due_holds();
+    }
+}
+
 impl Handler<RefreshKey> for KeyActor {
     type Result = AtomicResponse<Self, Result<(), KeyError>>;
 
@@ -483,7 +688,9 @@ impl Handler<StopIfIdle> for KeyActor {
     type Result = ();
 
     fn handle(&mut self, _: StopIfIdle, ctx: &mut Self::Context) {
-        // Pending tokens would be forgotten with the actor: stay until they are committed.
+        self.expire_due_holds();
+        // Pending tokens would be forgotten with the actor: stay until they are committed; live
+        // holds are answered from memory only: stay until they are released.
         if !self.has_pending() {
             ctx.stop();
         }
@@ -530,6 +737,7 @@ mod tests {
                 pending: 0,
                 reset_at: 1_796_083_200,
                 version: 1,
+                holds: None,
             };
             let mut pending_events = std::collections::VecDeque::new();
             let mut before = resident.view().used;

@@ -34,6 +34,8 @@ const PROBE_HEADER: &str = "x-quota-probe";
 const COMMAND_HEADER: &str = "x-quota-command";
 /// The command: reload the key from the database (another instance changed it).
 const REFRESH_COMMAND: &str = "refresh";
+/// The command: list the key's live holds (they live in the owner's memory, SPEC §2.3).
+const RESERVATIONS_COMMAND: &str = "reservations";
 /// RabbitMQ's pseudo-queue for replies to the consuming channel.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// How often heartbeats, probes and balancing happen.
@@ -50,6 +52,7 @@ const PROBE_TTL_MS: &str = "2000";
 pub enum InternalRequest {
     Probe,
     Refresh,
+    Reservations,
 }
 
 /// The internal request a delivery carries, if any.
@@ -63,6 +66,11 @@ pub fn internal_request(properties: &BasicProperties) -> Option<InternalRequest>
             if command.as_bytes() == REFRESH_COMMAND.as_bytes() =>
         {
             Some(InternalRequest::Refresh)
+        }
+        Some(AMQPValue::LongString(command))
+            if command.as_bytes() == RESERVATIONS_COMMAND.as_bytes() =>
+        {
+            Some(InternalRequest::Reservations)
         }
         _ => None,
     }
@@ -144,6 +152,22 @@ impl Forwarder {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Asks the owner of `api_key_id` for its live holds; returns the reply body.
+    pub async fn reservations(
+        &self,
+        api_key_id: i64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ForwardError> {
+        let body = serde_json::json!({ "api_key_id": api_key_id }).to_string();
+        self.request(
+            api_key_id,
+            body.into_bytes(),
+            Some(RESERVATIONS_COMMAND),
+            timeout,
+        )
+        .await
     }
 
     async fn request(
@@ -546,6 +570,15 @@ mod tests {
         assert_eq!(
             internal_request(&plain.clone().with_headers(headers)),
             Some(InternalRequest::Refresh)
+        );
+        let mut headers = FieldTable::default();
+        headers.insert(
+            COMMAND_HEADER.into(),
+            AMQPValue::LongString(RESERVATIONS_COMMAND.into()),
+        );
+        assert_eq!(
+            internal_request(&plain.clone().with_headers(headers)),
+            Some(InternalRequest::Reservations)
         );
         let mut headers = FieldTable::default();
         headers.insert(COMMAND_HEADER.into(), AMQPValue::LongString("drop".into()));

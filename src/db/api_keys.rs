@@ -216,6 +216,10 @@ where
             .filter(entity::usage_history::Column::ApiKeyId.eq(id))
             .exec(&txn)
             .await?;
+        entity::reservations::Entity::delete_many()
+            .filter(entity::reservations::Column::ApiKeyId.eq(id))
+            .exec(&txn)
+            .await?;
     }
     txn.commit().await?;
     Ok(deleted.rows_affected > 0)

@@ -2,5 +2,6 @@
 
 pub mod check;
 pub mod quota;
+pub mod reservation;
 pub mod usage;
 pub mod window;

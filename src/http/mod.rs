@@ -61,9 +61,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         )
         .route("/keys/{id}/check", web::post().to(check::check_key))
         .route("/keys/{id}/usage", web::get().to(usage::key_usage))
-        .route(
-            "/keys/{id}/reservations",
-            web::get().to(check::key_reservations),
+        .service(
+            web::resource("/keys/{id}/reservations").route(web::get().to(check::key_reservations)),
         );
 }
 

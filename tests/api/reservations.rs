@@ -306,3 +306,43 @@ async fn holds_are_stored_and_a_fresh_actor_loads_them() {
         .expect("the app answers");
     assert_eq!(unknown.status(), 404);
 }
+
+#[actix_web::test]
+async fn an_actor_with_live_holds_stays_until_the_sweep_expires_them() {
+    let app = crate::helpers::spawn_app_on(crate::helpers::Backend::Postgres, |settings| {
+        settings.actors.idle_timeout_secs = 1;
+    })
+    .await;
+    app.create_key("r", json!({"id": 1, "token_quota_monthly": 1000}))
+        .await;
+    app.create_key("r", json!({"id": 2, "token_quota_monthly": 1000}))
+        .await;
+    let check = |key: i64, body: Value| {
+        json_body(
+            app.admin(Method::POST, &format!("/keys/{key}/check"))
+                .json(&body),
+        )
+    };
+    let held = check(
+        1,
+        json!({"reserve": 10, "reservation_id": "r", "ttl_secs": 60}),
+    )
+    .await;
+    assert_eq!(held["status"], 200, "{held}");
+    assert_eq!(check(2, json!({})).await["status"], 200);
+    // The plain key idles out; the one with a live hold stays (three more sweeps to be sure).
+    eventually(Duration::from_secs(10), "the idle key to stop", || async {
+        (app.registry.resident_count() == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(app.registry.resident_count(), 1, "the holding actor stays");
+    // Past its expiry, with no request at all: the sweep releases the hold, then the actor idles out.
+    app.clock.set(at("2026-11-23T10:01:00Z"));
+    eventually(
+        Duration::from_secs(10),
+        "the expired hold's actor to stop",
+        || async { (app.registry.resident_count() == 0).then_some(()) },
+    )
+    .await;
+}

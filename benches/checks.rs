@@ -20,6 +20,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use quota_keeper::domain::check::CheckAsk;
 use support::{insert_keys, resident_bytes, rpc_load, start_app, RpcStats};
 
 const KEYS: i64 = 1_000;
@@ -187,6 +188,14 @@ fn in_thread<T: Send + 'static>(
     })
 }
 
+/// A check with an estimate of 10 tokens, as the broker benchmark sends.
+fn ten_tokens() -> CheckAsk {
+    CheckAsk {
+        tokens: Some(10),
+        reserve: None,
+    }
+}
+
 fn check_target(i: usize) -> (String, String, Vec<u8>) {
     let key = (i as i64 % KEYS) + 1;
     (
@@ -327,7 +336,7 @@ async fn round_trips(app: &support::BenchApp, round_trips_only: bool) {
     let started = Instant::now();
     for i in 0..IN_PROCESS_CALLS as i64 {
         app.registry
-            .check(i % KEYS + 1, Some(10))
+            .check(i % KEYS + 1, ten_tokens())
             .await
             .expect("check");
     }
@@ -360,7 +369,7 @@ async fn round_trips(app: &support::BenchApp, round_trips_only: bool) {
 /// `count` in-process checks over the bench keys, `IN_PROCESS_CONCURRENCY` in flight at once.
 async fn pipelined_checks(registry: &quota_keeper::actors::registry::KeyRegistry, count: usize) {
     futures::stream::iter(0..count as i64)
-        .map(|i| registry.check(i % KEYS + 1, Some(10)))
+        .map(|i| registry.check(i % KEYS + 1, ten_tokens()))
         .buffer_unordered(IN_PROCESS_CONCURRENCY)
         .for_each(|reply| async move {
             reply.expect("check");
@@ -440,7 +449,7 @@ async fn memory_per_actor(app: &support::BenchApp) {
     // Actors start on their arbiters asynchronously: wait until the last ones answer.
     for i in (MEMORY_KEYS - 1_000)..MEMORY_KEYS {
         app.registry
-            .check(10_000_000 + i, None)
+            .check(10_000_000 + i, CheckAsk::default())
             .await
             .expect("resident");
     }

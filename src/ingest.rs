@@ -1,4 +1,5 @@
-//! The batch writers: collect consumed usage events, commit them in batches, then settle their deliveries.
+//! The batch writers: collect consumed usage events and granted holds, commit them in batches,
+//! then settle their deliveries.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +14,8 @@ use crate::actors::registry::KeyRegistry;
 use crate::alerts::Alerts;
 use crate::amqp::acks::{PendingAck, Settlement};
 use crate::clock::SharedClock;
-use crate::db::usage::{commit_batch, BatchError, BatchOutcome};
+use crate::db::usage::{commit_batch_with_holds, BatchError, BatchOutcome};
+use crate::domain::reservation::HoldChange;
 use crate::domain::usage::UsageEvent;
 use crate::metrics as names;
 use crate::readiness::Readiness;
@@ -32,8 +34,16 @@ pub struct ConsumedEvent {
     pub ack: PendingAck,
 }
 
-enum Command {
+/// What a batch is made of, in the order it reached the lane: a key's hold changes must reach
+/// the table in the order its actor made them.
+enum LaneItem {
     Event(ConsumedEvent),
+    /// A hold granted by a key actor: written with the next batch (SPEC §2.3).
+    Hold(HoldChange),
+}
+
+enum Command {
+    Item(LaneItem),
     Flush(oneshot::Sender<()>),
 }
 
@@ -49,7 +59,15 @@ impl BatchWriterHandle {
         let lane = lane_of(event.event.api_key_id, self.lanes.len());
         // The writer outlives every consumer; if it is gone the process is stopping and the
         // unacknowledged delivery comes again.
-        let _ = self.lanes[lane].send(Command::Event(event));
+        let _ = self.lanes[lane].send(Command::Item(LaneItem::Event(event)));
+    }
+
+    /// A handle that does not keep the writer running: the writer ends once the consumers'
+    /// handles are gone, whoever else still holds one of these (the key actors).
+    pub fn downgrade(&self) -> WeakBatchWriterHandle {
+        WeakBatchWriterHandle {
+            lanes: self.lanes.iter().map(|lane| lane.downgrade()).collect(),
+        }
     }
 
     /// Commits everything submitted so far; returns once it is committed and every delivery is
@@ -62,6 +80,23 @@ impl BatchWriterHandle {
             }
         });
         futures::future::join_all(flushed).await;
+    }
+}
+
+/// How key actors hand granted holds to the writer; see [`BatchWriterHandle::downgrade`].
+#[derive(Clone)]
+pub struct WeakBatchWriterHandle {
+    lanes: Vec<mpsc::WeakUnboundedSender<Command>>,
+}
+
+impl WeakBatchWriterHandle {
+    /// Queues a hold change of key `api_key_id` for its lane's next batch; `false` if the writer
+    /// has stopped (the process is stopping: the hold lives in memory only).
+    pub fn submit_hold(&self, api_key_id: i64, change: HoldChange) -> bool {
+        let lane = lane_of(api_key_id, self.lanes.len());
+        self.lanes[lane]
+            .upgrade()
+            .is_some_and(|sender| sender.send(Command::Item(LaneItem::Hold(change))).is_ok())
     }
 }
 
@@ -107,7 +142,7 @@ impl BatchWriter {
 
     async fn run(self: Arc<Self>, mut commands: mpsc::UnboundedReceiver<Command>) {
         let flush_interval = Duration::from_millis(self.settings.flush_interval_ms);
-        let mut batch: Vec<ConsumedEvent> = Vec::with_capacity(self.settings.batch_size);
+        let mut batch: Vec<LaneItem> = Vec::with_capacity(self.settings.batch_size);
         let mut deadline: Option<Instant> = None;
         loop {
             let command = match deadline {
@@ -122,7 +157,7 @@ impl BatchWriter {
                 None => commands.recv().await,
             };
             match command {
-                Some(Command::Event(event)) => {
+                Some(Command::Item(event)) => {
                     if batch.is_empty() {
                         deadline = Some(Instant::now() + flush_interval);
                     }
@@ -149,7 +184,7 @@ impl BatchWriter {
     /// settles its deliveries. A batch the database refuses for good is split in halves until
     /// the refused events are alone; those are dead-lettered with the database's reason and the
     /// rest commit, so one poison event never stalls its lane.
-    async fn commit(&self, batch: Vec<ConsumedEvent>) {
+    async fn commit(&self, batch: Vec<LaneItem>) {
         // Parts still to commit, the next one on top; in delivery order.
         let mut parts = vec![batch];
         while let Some(mut part) = parts.pop() {
@@ -166,10 +201,14 @@ impl BatchWriter {
                         ack.settle(Settlement::Ack);
                     }
                 }
-                Err(reason) if part.len() == 1 => {
-                    let refused = part.remove(0);
-                    self.refuse(refused, reason).await;
-                }
+                Err(reason) if part.len() == 1 => match part.remove(0) {
+                    LaneItem::Event(refused) => self.refuse(refused, reason).await,
+                    // Not expected (a hold is validated before it is granted); it stays in the
+                    // key's memory and expires there.
+                    LaneItem::Hold(change) => {
+                        tracing::warn!(%reason, ?change, "hold not stored: the database refused it")
+                    }
+                },
                 Err(reason) => {
                     tracing::info!(%reason, events = part.len(), "usage batch refused; splitting it to find the refused events");
                     let second_half = part.split_off(part.len() / 2);
@@ -182,14 +221,31 @@ impl BatchWriter {
 
     /// Commits one part, retrying with backoff while the database is unavailable; `Err` with
     /// the database's reason when it refuses the part.
-    async fn commit_part(&self, part: &[ConsumedEvent]) -> Result<BatchOutcome, String> {
-        let events: Vec<&UsageEvent> = part.iter().map(|consumed| &consumed.event).collect();
+    async fn commit_part(&self, part: &[LaneItem]) -> Result<BatchOutcome, String> {
+        let mut events: Vec<&UsageEvent> = Vec::with_capacity(part.len());
+        let mut holds: Vec<HoldChange> = Vec::new();
+        for item in part {
+            match item {
+                LaneItem::Event(consumed) => {
+                    events.push(&consumed.event);
+                    // Settled or voided: the hold leaves the table with the event's commit.
+                    if let Some(id) = &consumed.event.reservation_id {
+                        holds.push(HoldChange::Released {
+                            api_key_id: consumed.event.api_key_id,
+                            id: id.clone(),
+                        });
+                    }
+                }
+                LaneItem::Hold(change) => holds.push(change.clone()),
+            }
+        }
         let mut backoff = FIRST_RETRY_BACKOFF;
         loop {
             let started = std::time::Instant::now();
-            match commit_batch(
+            match commit_batch_with_holds(
                 &self.db,
                 &events,
+                &holds,
                 self.clock.now(),
                 self.alerts.thresholds(),
             )
@@ -236,10 +292,14 @@ impl BatchWriter {
 
     /// Sends each key's actor its committed counter and releases its pending tickets; returns
     /// the deliveries to settle.
-    fn inform_actors(&self, batch: Vec<ConsumedEvent>, outcome: &BatchOutcome) -> Vec<PendingAck> {
+    fn inform_actors(&self, batch: Vec<LaneItem>, outcome: &BatchOutcome) -> Vec<PendingAck> {
         let mut per_key: HashMap<i64, UsageCommitted> = HashMap::new();
         let mut acks = Vec::with_capacity(batch.len());
-        for consumed in batch {
+        let consumed_events = batch.into_iter().filter_map(|item| match item {
+            LaneItem::Event(consumed) => Some(consumed),
+            LaneItem::Hold(_) => None,
+        });
+        for consumed in consumed_events {
             acks.push(consumed.ack);
             if let Some(ticket) = consumed.ticket {
                 per_key

@@ -23,6 +23,16 @@ pub const FORWARDED_REQUESTS_TOTAL: &str = "quota_forwarded_requests_total";
 pub const ALERTS_PUBLISHED_TOTAL: &str = "quota_alerts_published_total";
 /// Threshold alerts recorded and not yet confirmed by the broker (every instance's, from the database).
 pub const ALERTS_PENDING: &str = "quota_alerts_pending";
+/// Live holds in this instance's key actors (SPEC §2.3).
+pub const RESERVATIONS_ACTIVE: &str = "quota_reservations_active";
+/// Holds granted by checks.
+pub const RESERVATIONS_GRANTED_TOTAL: &str = "quota_reservations_granted_total";
+/// Holds released by a usage event with tokens.
+pub const RESERVATIONS_SETTLED_TOTAL: &str = "quota_reservations_settled_total";
+/// Holds released by a usage event with 0 tokens.
+pub const RESERVATIONS_VOIDED_TOTAL: &str = "quota_reservations_voided_total";
+/// Holds released because their `ttl_secs` passed.
+pub const RESERVATIONS_EXPIRED_TOTAL: &str = "quota_reservations_expired_total";
 /// 1 while the broker is consumed (or not configured) and the last batch committed, else 0.
 pub const READY: &str = "quota_ready";
 
@@ -41,7 +51,7 @@ pub const USAGE_EVENT_OUTCOMES: &[&str] = &["counted", "duplicate", "late", "zer
 /// Every `reason` of `quota_check_requests_dropped_total`.
 pub const CHECK_DROP_REASONS: &[&str] = &["no_reply_to", "invalid_reply_to"];
 /// Every `kind` of `quota_forwarded_requests_total` (set in `Owners`).
-pub const FORWARDED_KINDS: &[&str] = &["check", "refresh"];
+pub const FORWARDED_KINDS: &[&str] = &["check", "refresh", "reservations"];
 /// Every `outcome` of `quota_forwarded_requests_total`.
 pub const FORWARDED_OUTCOMES: &[&str] = &["answered", "timeout", "not_connected", "broker_error"];
 
@@ -143,6 +153,29 @@ fn register_every_family() {
         "Keys rolled over to a new monthly window by the scheduler."
     );
     counter!(ROLLOVERS_TOTAL).increment(0);
+    describe_gauge!(
+        RESERVATIONS_ACTIVE,
+        "Live holds (reservations) in this instance's key actors."
+    );
+    gauge!(RESERVATIONS_ACTIVE).increment(0.0);
+    for (name, help) in [
+        (RESERVATIONS_GRANTED_TOTAL, "Holds granted by checks."),
+        (
+            RESERVATIONS_SETTLED_TOTAL,
+            "Holds released by the usage event of their request.",
+        ),
+        (
+            RESERVATIONS_VOIDED_TOTAL,
+            "Holds released by a usage event with 0 tokens.",
+        ),
+        (
+            RESERVATIONS_EXPIRED_TOTAL,
+            "Holds released because their ttl_secs passed.",
+        ),
+    ] {
+        describe_counter!(name, help);
+        counter!(name).increment(0);
+    }
     describe_gauge!(
         READY,
         "1 while the broker is consumed (or not configured) and the last usage batch committed, else 0."

@@ -18,8 +18,9 @@ use crate::actors::registry::KeyRegistry;
 use crate::amqp::control::{ForwardError, Forwarder};
 use crate::amqp::ownership::Ownership;
 use crate::db::api_keys::{self, KeyChange};
-use crate::domain::check::CheckReply;
+use crate::domain::check::{CheckAsk, CheckReply};
 use crate::domain::quota::QuotaState;
+use crate::domain::reservation::{Reservation, ReservationsReply};
 use crate::metrics as names;
 
 /// How long a request waits for the owner's answer. A live owner answers in milliseconds; only
@@ -37,6 +38,8 @@ pub enum OwnerError {
     Database(#[from] DbErr),
     #[error("the owner of key {0} sent a reply that is not a check reply")]
     BadReply(i64),
+    #[error("the owner of key {0} could not answer: {1}")]
+    OwnerUnavailable(i64, String),
 }
 
 /// See the module doc. Without a broker (`amqp.enabled = false`) this instance owns every key.
@@ -61,22 +64,19 @@ impl Owners {
         }
     }
 
-    /// The owner's answer to a check of key `id`.
-    pub async fn check(&self, id: i64, estimate: Option<i64>) -> Result<CheckReply, OwnerError> {
+    /// The owner's answer to a check of key `id` (granting the hold it asks for, if allowed).
+    pub async fn check(&self, id: i64, ask: CheckAsk) -> Result<CheckReply, OwnerError> {
         let Some((forwarder, _)) = &self.broker else {
-            return Ok(self.registry.check(id, estimate).await?);
+            return Ok(self.registry.check(id, ask).await?);
         };
         if let Some(answer) = self
             .registry
-            .check_if_resident(id, estimate, self.owns())
+            .check_if_resident(id, ask.clone(), self.owns())
             .await
         {
             return Ok(answer?);
         }
-        let mut request = serde_json::json!({ "api_key_id": id });
-        if let Some(tokens) = estimate {
-            request["tokens"] = tokens.into();
-        }
+        let request = ask.to_body(id);
         let reply = forwarder
             .check(id, request.to_string().into_bytes(), OWNER_ANSWER_TIMEOUT)
             .await;
@@ -92,7 +92,7 @@ impl Owners {
         if let Some(answer) = self.registry.describe_if_resident(id, self.owns()).await {
             return Ok(answer?);
         }
-        let reply = self.check(id, None).await?;
+        let reply = self.check(id, CheckAsk::default()).await?;
         if reply.status == 503 {
             return Err(KeyError::Unavailable(reply.detail.unwrap_or_default()).into());
         }
@@ -110,6 +110,31 @@ impl Owners {
             used: reply.tokens_used_this_month,
             reset_at,
         }))
+    }
+
+    /// The live holds of key `id` as its owner holds them in memory; `None` if the key does not
+    /// exist. Forwarded rather than read from the table: the owner may hold holds granted since
+    /// its last batch, and has released settled and expired ones the table still lists.
+    pub async fn reservations(&self, id: i64) -> Result<Option<Vec<Reservation>>, OwnerError> {
+        let Some((forwarder, _)) = &self.broker else {
+            return Ok(self.registry.reservations(id).await?);
+        };
+        if let Some(answer) = self
+            .registry
+            .reservations_if_resident(id, self.owns())
+            .await
+        {
+            return Ok(answer?);
+        }
+        let reply = forwarder.reservations(id, OWNER_ANSWER_TIMEOUT).await;
+        count_forwarded("reservations", &reply);
+        match serde_json::from_slice(&reply?).map_err(|_| OwnerError::BadReply(id))? {
+            ReservationsReply::Listed { reservations } => Ok(Some(reservations)),
+            ReservationsReply::UnknownKey => Ok(None),
+            ReservationsReply::Unavailable { detail } => {
+                Err(OwnerError::OwnerUnavailable(id, detail))
+            }
+        }
     }
 
     /// Applies an admin change to key `id` of `username`; returns once the owner has it.

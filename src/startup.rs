@@ -24,7 +24,7 @@ use crate::amqp::AmqpService;
 use crate::clock::SharedClock;
 use crate::db;
 use crate::http::{self, AppState};
-use crate::ingest::BatchWriter;
+use crate::ingest::{BatchWriter, BatchWriterHandle};
 use crate::owners::Owners;
 use crate::readiness::{BrokerState, Readiness};
 use crate::settings::Settings;
@@ -49,6 +49,8 @@ pub struct Application {
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
     amqp_task: Option<JoinHandle<()>>,
+    /// A writer handle held until the consumers stop, so the writer runs without a broker too.
+    hold_writer: BatchWriterHandle,
     writer_task: JoinHandle<()>,
     /// Cancelled once the writers have committed their last batch.
     alerts_stop: CancellationToken,
@@ -128,6 +130,8 @@ impl Application {
             }
             .spawn()
         });
+        // Weak: the writer still ends once the consumers' handles are gone (graceful stop).
+        registry.attach_hold_writer(writer.downgrade());
         let shutdown = CancellationToken::new();
         let ownership = settings.amqp.enabled.then(|| {
             Arc::new(Ownership::new(
@@ -154,7 +158,9 @@ impl Application {
                     .run(),
                 )
             });
-        drop(writer);
+        // Kept until the consumers have stopped (and even without a broker): holds granted
+        // over HTTP reach the writer through the registry's weak handle meanwhile.
+        let hold_writer = writer;
         let state = web::Data::new(AppState {
             db: db.clone(),
             clock,
@@ -204,6 +210,7 @@ impl Application {
             readiness,
             shutdown,
             amqp_task,
+            hold_writer,
             writer_task,
             alerts_stop,
             alerts_task,
@@ -257,7 +264,9 @@ impl Application {
                 );
             }
         }
-        // The consumers held the last writer handles: the writer commits what it has and ends.
+        // The consumers and this one held the last writer handles: the writer commits what it
+        // has and ends.
+        drop(self.hold_writer);
         if tokio::time::timeout_at(deadline - HTTP_RESERVE, self.writer_task)
             .await
             .is_err()

@@ -3,7 +3,7 @@
 
 use chrono::{TimeZone, Utc};
 use proptest::prelude::*;
-use quota_keeper::domain::check::{decode_check_estimate, decode_check_request};
+use quota_keeper::domain::check::{decode_check_body, decode_check_request};
 use quota_keeper::domain::usage::{decode_usage_event, MAX_EVENT_TOKENS};
 use serde_json::{json, Map, Value};
 
@@ -96,11 +96,11 @@ proptest! {
             match decode_check_request(&body) {
                 Ok(request) => {
                     prop_assert!(request.api_key_id >= 1);
-                    prop_assert!(request.tokens.is_none_or(|tokens| tokens >= 0));
+                    prop_assert!(request.ask.tokens.is_none_or(|tokens| tokens >= 0));
                 }
                 Err(rejection) => prop_assert!(!rejection.to_string().is_empty()),
             }
-            if let Err(rejection) = decode_check_estimate(&body) {
+            if let Err(rejection) = decode_check_body(&body) {
                 prop_assert!(!rejection.to_string().is_empty());
             }
         }

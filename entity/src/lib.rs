@@ -3,4 +3,5 @@
 pub mod alert_outbox;
 pub mod api_keys;
 pub mod processed_events;
+pub mod reservations;
 pub mod usage_history;

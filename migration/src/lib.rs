@@ -7,6 +7,7 @@ mod m20261123_000002_create_usage_history;
 mod m20261123_000003_create_processed_events;
 mod m20261124_000004_api_keys_fillfactor;
 mod m20261125_000005_create_alert_outbox;
+mod m20261125_000006_create_reservations;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000003_create_processed_events::Migration),
             Box::new(m20261124_000004_api_keys_fillfactor::Migration),
             Box::new(m20261125_000005_create_alert_outbox::Migration),
+            Box::new(m20261125_000006_create_reservations::Migration),
         ]
     }
 }

@@ -1,6 +1,7 @@
-//! `KeyActor`: the single writer of one key's quota state, answering checks from memory.
+//! `KeyActor`: the single writer of one key's quota state and holds, answering checks from memory.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::num::NonZeroI64;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,11 +9,14 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use entity::api_keys::Model;
 
+use super::loader::LoadedKey;
 use super::registry::RegistryShared;
 use crate::db::api_keys::{self, KeyChange};
 use crate::db::usage::CommittedCounter;
-use crate::domain::check::CheckReply;
+use crate::domain::check::{CheckAsk, CheckReply};
 use crate::domain::quota::QuotaState;
+use crate::domain::reservation::{expiry_of, Hold, HoldChange, Holds, Reservation};
+use crate::metrics as names;
 use crate::settings::UnknownKeyPolicy;
 
 /// How long an actor that found no key (or could not load it) lives, absorbing repeated requests.
@@ -28,12 +32,12 @@ pub enum KeyError {
     Unavailable(String),
 }
 
-/// Answer a check from memory (rolling a lapsed window over first).
-#[derive(Clone, Copy, Debug, Message)]
+/// Answer a check from memory (rolling a lapsed window over first), granting the hold it asks
+/// for if it is allowed.
+#[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<CheckReply, KeyError>")]
 pub struct CheckQuota {
-    /// Estimated tokens of the coming request.
-    pub estimate: Option<i64>,
+    pub ask: CheckAsk,
 }
 
 /// Apply an admin change to the key if it belongs to `username`; `None` when it does not.
@@ -51,19 +55,21 @@ pub struct DeleteKey {
     pub username: String,
 }
 
-/// Count a validated usage event in memory at once, until the batch writer commits it.
-#[derive(Clone, Copy, Debug, Message)]
+/// Count a validated usage event in memory at once, until the batch writer commits it, and
+/// release the hold it names (settled, or voided with 0 tokens).
+#[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<UsageRecorded, KeyError>")]
 pub struct RecordUsage {
     pub tokens: i64,
     pub occurred_at: DateTime<Utc>,
+    pub reservation_id: Option<String>,
 }
 
 /// Tokens an actor holds as pending for one event; released when its batch commits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingTicket {
     /// Which incarnation of the actor holds them: a newer actor never had them.
-    pub generation: u64,
+    pub generation: u32,
     /// The window they were counted in.
     pub window_end: DateTime<Utc>,
     pub tokens: i64,
@@ -108,6 +114,16 @@ pub struct DescribeKey;
 #[rtype(result = "Result<(), KeyError>")]
 pub struct RefreshKey;
 
+/// The key's live holds (expired ones released first); `None` for an unknown key.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "Result<Option<Vec<Reservation>>, KeyError>")]
+pub struct ListHolds;
+
+/// The registry's sweep: release the holds that have expired.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "()")]
+pub struct ExpireHolds;
+
 /// The registry saw no request for this key for the idle timeout: stop unless tokens are pending.
 #[derive(Clone, Copy, Debug, Message)]
 #[rtype(result = "()")]
@@ -128,12 +144,20 @@ fn instant_of(seconds: i64) -> DateTime<Utc> {
         .expect("window ends come from valid instants, so their seconds convert back")
 }
 
+/// A stored quota as a resident keeps it (see `Resident::quota`).
+fn compact_quota(quota: Option<i64>) -> Option<NonZeroI64> {
+    quota.and_then(NonZeroI64::new)
+}
+
 /// Source of actor generations, unique for the life of the process.
-static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+/// (Wraps after 2^32 actors: a ticket cannot stay in flight that long.)
+static NEXT_GENERATION: AtomicU32 = AtomicU32::new(1);
 
 /// A resident key: the committed counter plus what is consumed but not yet committed.
 struct Resident {
-    quota: Option<i64>,
+    /// `None` is unlimited. A stored 0 reads as unlimited too (SPEC §3: 0 clears the quota; the
+    /// service stores it as NULL). `NonZeroI64` makes the option 8 bytes instead of 16.
+    quota: Option<NonZeroI64>,
     committed: i64,
     pending: i64,
     /// End of the current window in Unix seconds (window ends are whole seconds); eight bytes
@@ -141,17 +165,63 @@ struct Resident {
     reset_at: i64,
     /// `counter_version` of the stored row this view is based on.
     version: i64,
+    /// Live holds; `None` (one pointer) for the many keys without any.
+    holds: Option<Box<Holds>>,
+    /// Which incarnation of the actor counted the pending tokens: a newer actor never had them.
+    generation: u32,
+    /// Gives `KeyState` a place for its variant tag inside the padding after `generation`.
+    _tag_room: TagRoom,
+}
+
+/// A one-value byte: its 255 impossible values let `KeyState` store which variant it is without
+/// a tag word of its own. With the holds pointer, that keeps the key actor as large as it was
+/// without holds (72 bytes): 8 more bytes moved every actor into the next allocation class,
+/// 1,118 instead of about 860 bytes per resident key (BENCHMARKS.md).
+#[derive(Clone, Copy, Debug)]
+#[repr(u8)]
+enum TagRoom {
+    Zero = 0,
 }
 
 impl Resident {
     fn view(&self) -> QuotaState {
         QuotaState {
-            quota: self.quota,
+            quota: self.quota.map(NonZeroI64::get),
             // Never wraps: `record` keeps the sum in range, and a committed counter adopted from
             // the database is at most `i64::MAX` itself.
             used: self.committed.saturating_add(self.pending),
             reset_at: instant_of(self.reset_at),
         }
+    }
+
+    fn reserved(&self) -> i64 {
+        self.holds.as_ref().map_or(0, |holds| holds.reserved())
+    }
+
+    fn hold_count(&self) -> usize {
+        self.holds.as_ref().map_or(0, |holds| holds.len())
+    }
+
+    /// Releases the holds expired at `now`; returns how many. An empty set is freed.
+    fn expire_holds(&mut self, now: DateTime<Utc>) -> usize {
+        let Some(holds) = &mut self.holds else {
+            return 0;
+        };
+        let expired = holds.expire(now.timestamp());
+        if holds.is_empty() {
+            self.holds = None;
+        }
+        expired
+    }
+
+    /// Releases the hold `id` if it lives; returns it. An empty set is freed.
+    fn release_hold(&mut self, id: &str) -> Option<Hold> {
+        let holds = self.holds.as_mut()?;
+        let released = holds.release(id);
+        if holds.is_empty() {
+            self.holds = None;
+        }
+        released
     }
 
     /// Adds tokens consumed but not yet committed, unless the counter would pass `i64::MAX`.
@@ -185,7 +255,6 @@ enum KeyState {
 
 pub struct KeyActor {
     id: i64,
-    generation: u64,
     state: KeyState,
     shared: Arc<RegistryShared>,
 }
@@ -194,7 +263,6 @@ impl KeyActor {
     pub(crate) fn new(id: i64, shared: Arc<RegistryShared>) -> Self {
         KeyActor {
             id,
-            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             state: KeyState::Loading,
             shared,
         }
@@ -212,7 +280,7 @@ impl KeyActor {
     fn become_resident(&mut self, key: Model) {
         if let KeyState::Resident(resident) = &mut self.state {
             if key.counter_version < resident.version {
-                resident.quota = key.token_quota_monthly;
+                resident.quota = compact_quota(key.token_quota_monthly);
                 return;
             }
         }
@@ -222,13 +290,67 @@ impl KeyActor {
             }
             _ => 0,
         };
+        // Holds are not tied to a window, and this actor is their authority: they stay.
+        let (holds, generation) = match &mut self.state {
+            KeyState::Resident(resident) => (resident.holds.take(), resident.generation),
+            _ => (None, NEXT_GENERATION.fetch_add(1, Ordering::Relaxed)),
+        };
         self.state = KeyState::Resident(Resident {
-            quota: key.token_quota_monthly,
+            quota: compact_quota(key.token_quota_monthly),
             committed: key.tokens_used_this_month,
             pending,
             reset_at: key.quota_reset_at.timestamp(),
             version: key.counter_version,
+            holds,
+            generation,
+            _tag_room: TagRoom::Zero,
         });
+    }
+
+    /// Adopts a loaded key and its stored holds (granted by an earlier owner or incarnation).
+    fn become_resident_with_holds(&mut self, loaded: LoadedKey, ctx: &mut Context<Self>) {
+        self.become_resident(loaded.key);
+        let KeyState::Resident(resident) = &mut self.state else {
+            return;
+        };
+        if loaded.holds.is_empty() {
+            return;
+        }
+        let holds = resident.holds.get_or_insert_with(Box::default);
+        let before = holds.len();
+        for stored in loaded.holds {
+            let hold = Hold {
+                tokens: stored.tokens,
+                expires_at: stored.expires_at.timestamp(),
+            };
+            holds.grant(&stored.reservation_id, hold);
+        }
+        let added = holds.len() - before;
+        metrics::gauge!(names::RESERVATIONS_ACTIVE).increment(added as f64);
+        self.shared.note_holding(self.id, ctx.address());
+    }
+
+    /// After holds were released: counts them, and leaves the registry's expiry sweep when none is left.
+    fn holds_released(&mut self, count: usize, counter: &'static str) {
+        if count == 0 {
+            return;
+        }
+        metrics::counter!(counter).increment(count as u64);
+        metrics::gauge!(names::RESERVATIONS_ACTIVE).decrement(count as f64);
+        if let KeyState::Resident(resident) = &self.state {
+            if resident.holds.is_none() {
+                self.shared.forget_holding(self.id);
+            }
+        }
+    }
+
+    /// Releases the holds expired by now, counting them.
+    fn expire_due_holds(&mut self) {
+        let now = self.shared.clock.now();
+        if let KeyState::Resident(resident) = &mut self.state {
+            let expired = resident.expire_holds(now);
+            self.holds_released(expired, names::RESERVATIONS_EXPIRED_TOTAL);
+        }
     }
 
     /// Whether an admin change can go ahead: `false` for an unknown key, `Err` if it did not load.
@@ -239,8 +361,9 @@ impl KeyActor {
         }
     }
 
+    /// Pending tokens or live holds: the actor must stay (holds are answered from memory only).
     fn has_pending(&self) -> bool {
-        matches!(&self.state, KeyState::Resident(resident) if resident.pending != 0)
+        matches!(&self.state, KeyState::Resident(resident) if resident.pending != 0 || resident.holds.is_some())
     }
 
     /// The resident state as of now, a lapsed window rolled over first; `None` for an unknown
@@ -270,7 +393,7 @@ impl Actor for KeyActor {
         if loading {
             ctx.wait(async move { loader.load(id).await }.into_actor(self).map(
                 move |loaded, actor, ctx| match loaded {
-                    Ok(Some(key)) => actor.become_resident(key),
+                    Ok(Some(loaded)) => actor.become_resident_with_holds(loaded, ctx),
                     Ok(None) => {
                         actor.state = KeyState::Unknown;
                         ctx.run_later(NEGATIVE_ENTRY_LIFETIME, |_, ctx| ctx.stop());
@@ -287,6 +410,14 @@ impl Actor for KeyActor {
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
         metrics::gauge!(crate::metrics::RESIDENT_KEY_ACTORS).decrement(1.0);
+        if let KeyState::Resident(resident) = &self.state {
+            // Stored (or queued for the writer): the next owner of the key loads them.
+            let held = resident.hold_count();
+            if held > 0 {
+                metrics::gauge!(names::RESERVATIONS_ACTIVE).decrement(held as f64);
+                self.shared.forget_holding(self.id);
+            }
+        }
         self.shared.forget(self.id, &ctx.address());
     }
 }
@@ -294,13 +425,67 @@ impl Actor for KeyActor {
 impl Handler<CheckQuota> for KeyActor {
     type Result = Result<CheckReply, KeyError>;
 
-    fn handle(&mut self, msg: CheckQuota, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: CheckQuota, ctx: &mut Self::Context) -> Self::Result {
         let id = self.id;
         let allow_unknown = self.shared.unknown_key == UnknownKeyPolicy::Allow;
-        Ok(match self.resident_now()? {
-            Some(resident) => CheckReply::for_known_key(id, &resident.view(), msg.estimate),
-            None => CheckReply::for_unknown_key(id, allow_unknown),
-        })
+        let now = self.shared.clock.now();
+        if self.resident_now()?.is_some() {
+            self.expire_due_holds();
+        }
+        let Some(resident) = self.resident_now()? else {
+            return Ok(CheckReply::for_unknown_key(id, allow_unknown));
+        };
+        let view = resident.view();
+        let reserved = resident.reserved();
+        let Some(reserve) = msg.ask.reserve.as_ref() else {
+            return Ok(CheckReply::for_known_key(
+                id,
+                &view,
+                reserved,
+                msg.ask.estimate(),
+            ));
+        };
+        // Idempotent by reservation_id: a retried hold returns the hold, never holds twice.
+        if let Some(hold) = resident.holds.as_ref().and_then(|h| h.get(&reserve.id)) {
+            return Ok(CheckReply::for_known_key(id, &view, reserved, None)
+                .with_existing_hold(hold.view(&reserve.id)));
+        }
+        let mut reply = CheckReply::for_known_key(id, &view, reserved, Some(reserve.tokens));
+        if !reply.allowed {
+            return Ok(reply);
+        }
+        let hold = Hold {
+            tokens: reserve.tokens,
+            expires_at: expiry_of(now, reserve.ttl_secs),
+        };
+        let first = resident.holds.is_none();
+        resident
+            .holds
+            .get_or_insert_with(Box::default)
+            .grant(&reserve.id, hold);
+        reply.tokens_reserved = resident.reserved();
+        reply.remaining = reply
+            .remaining
+            .map(|remaining| remaining.saturating_sub(reserve.tokens).max(0));
+        reply.reservation = Some(hold.view(&reserve.id));
+        metrics::counter!(names::RESERVATIONS_GRANTED_TOTAL).increment(1);
+        metrics::gauge!(names::RESERVATIONS_ACTIVE).increment(1.0);
+        if first {
+            self.shared.note_holding(id, ctx.address());
+        }
+        // Durable with the lane's next batch; the reply does not wait for it (SPEC §2.3: only
+        // holds granted within the last flush interval before a crash may be lost).
+        if let Some(writer) = self.shared.hold_writer() {
+            writer.submit_hold(
+                id,
+                HoldChange::Granted {
+                    api_key_id: id,
+                    id: reserve.id.clone(),
+                    hold,
+                },
+            );
+        }
+        Ok(reply)
     }
 }
 
@@ -378,10 +563,28 @@ impl Handler<RecordUsage> for KeyActor {
     type Result = Result<UsageRecorded, KeyError>;
 
     fn handle(&mut self, msg: RecordUsage, _: &mut Self::Context) -> Self::Result {
-        let generation = self.generation;
+        if self.resident_now()?.is_none() {
+            return Ok(UsageRecorded::UnknownKey);
+        }
+        self.expire_due_holds();
+        if let Some(reservation_id) = &msg.reservation_id {
+            // Whatever the amount, late or not: the request is over. An expired, voided or
+            // unknown hold releases nothing; the usage counts all the same.
+            let released = match &mut self.state {
+                KeyState::Resident(resident) => resident.release_hold(reservation_id).is_some(),
+                _ => false,
+            };
+            let counter = if msg.tokens == 0 {
+                names::RESERVATIONS_VOIDED_TOTAL
+            } else {
+                names::RESERVATIONS_SETTLED_TOTAL
+            };
+            self.holds_released(usize::from(released), counter);
+        }
         let Some(resident) = self.resident_now()? else {
             return Ok(UsageRecorded::UnknownKey);
         };
+        let generation = resident.generation;
         // Late events (window already closed) never touch the current counter.
         let in_current_window = crate::domain::window::next_window_start(msg.occurred_at)
             .timestamp()
@@ -408,7 +611,7 @@ impl Handler<UsageCommitted> for KeyActor {
             return;
         };
         for ticket in msg.released {
-            if ticket.generation == self.generation
+            if ticket.generation == resident.generation
                 && ticket.window_end.timestamp() == resident.reset_at
             {
                 resident.pending -= ticket.tokens;
@@ -454,6 +657,31 @@ impl Handler<DescribeKey> for KeyActor {
     }
 }
 
+impl Handler<ListHolds> for KeyActor {
+    type Result = Result<Option<Vec<Reservation>>, KeyError>;
+
+    fn handle(&mut self, _: ListHolds, _: &mut Self::Context) -> Self::Result {
+        if self.resident_now()?.is_none() {
+            return Ok(None);
+        }
+        self.expire_due_holds();
+        Ok(self.resident_now()?.map(|resident| {
+            resident
+                .holds
+                .as_ref()
+                .map_or_else(Vec::new, |holds| holds.list())
+        }))
+    }
+}
+
+impl Handler<ExpireHolds> for KeyActor {
+    type Result = ();
+
+    fn handle(&mut self, _: ExpireHolds, _: &mut Self::Context) {
+        self.expire_due_holds();
+    }
+}
+
 impl Handler<RefreshKey> for KeyActor {
     type Result = AtomicResponse<Self, Result<(), KeyError>>;
 
@@ -494,7 +722,9 @@ impl Handler<StopIfIdle> for KeyActor {
     type Result = ();
 
     fn handle(&mut self, _: StopIfIdle, ctx: &mut Self::Context) {
-        // Pending tokens would be forgotten with the actor: stay until they are committed.
+        self.expire_due_holds();
+        // Pending tokens would be forgotten with the actor: stay until they are committed; live
+        // holds are answered from memory only: stay until they are released.
         if !self.has_pending() {
             ctx.stop();
         }
@@ -513,6 +743,12 @@ impl Handler<StopKeyActor> for KeyActor {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn holds_cost_a_key_actor_no_bytes() {
+        // 72 bytes before holds existed; see `TagRoom`.
+        assert_eq!(std::mem::size_of::<KeyActor>(), 72);
+    }
 
     /// A usage event taken in, or the oldest pending one committed (the database adding it).
     #[derive(Clone, Debug)]
@@ -541,6 +777,9 @@ mod tests {
                 pending: 0,
                 reset_at: 1_796_083_200,
                 version: 1,
+                holds: None,
+                generation: 1,
+                _tag_room: TagRoom::Zero,
             };
             let mut pending_events = std::collections::VecDeque::new();
             let mut before = resident.view().used;

@@ -1,16 +1,27 @@
-//! `KeyLoader`: loads the rows of keys whose actors are starting, many per query when many start at once.
+//! `KeyLoader`: loads the rows of keys whose actors are starting, with their live holds, many keys
+//! per query when many start at once.
 
 use std::collections::HashMap;
 
 use entity::api_keys::{self, Model};
-use sea_orm::{DatabaseConnection, EntityTrait, QueryFilter};
+use entity::reservations;
+use sea_orm::{DatabaseConnection, DbErr, EntityTrait, QueryFilter};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::SharedClock;
 
 /// Keys loaded by one query at most.
 const MAX_KEYS_PER_QUERY: usize = 1_000;
 
-/// A key's row, `None` if it does not exist; `Err` carries why the database could not say.
-pub type LoadResult = Result<Option<Model>, String>;
+/// A key's row and its live holds (SPEC §2.3: a new owner takes them over).
+#[derive(Debug)]
+pub struct LoadedKey {
+    pub key: Model,
+    pub holds: Vec<reservations::Model>,
+}
+
+/// A loaded key, `None` if it does not exist; `Err` carries why the database could not say.
+pub type LoadResult = Result<Option<LoadedKey>, String>;
 
 type LoadRequest = (i64, oneshot::Sender<LoadResult>);
 
@@ -23,7 +34,7 @@ pub struct KeyLoader {
 impl KeyLoader {
     /// Starts the loader task. Requests that arrive while a query runs go into the next one, so a
     /// burst of cold keys costs one query per batch, and a lone key waits for nothing extra.
-    pub fn start(db: DatabaseConnection) -> KeyLoader {
+    pub fn start(db: DatabaseConnection, clock: SharedClock) -> KeyLoader {
         let (requests, mut incoming) = mpsc::unbounded_channel::<LoadRequest>();
         tokio::spawn(async move {
             while let Some(first) = incoming.recv().await {
@@ -35,16 +46,10 @@ impl KeyLoader {
                     }
                 }
                 let ids: Vec<i64> = batch.iter().map(|(id, _)| *id).collect();
-                let loaded = api_keys::Entity::find()
-                    .filter(crate::db::key_id_in(db.get_database_backend(), ids))
-                    .all(&db)
-                    .await;
-                match loaded {
-                    Ok(rows) => {
-                        let mut rows: HashMap<i64, Model> =
-                            rows.into_iter().map(|row| (row.id, row)).collect();
+                match load_keys(&db, ids, &clock).await {
+                    Ok(mut loaded) => {
                         for (id, reply) in batch {
-                            let _ = reply.send(Ok(rows.remove(&id)));
+                            let _ = reply.send(Ok(loaded.remove(&id)));
                         }
                     }
                     Err(error) => {
@@ -59,7 +64,7 @@ impl KeyLoader {
         KeyLoader { requests }
     }
 
-    /// The row of key `id`.
+    /// The row of key `id` and its live holds.
     pub async fn load(&self, id: i64) -> LoadResult {
         let (reply, answer) = oneshot::channel();
         if self.requests.send((id, reply)).is_err() {
@@ -69,4 +74,35 @@ impl KeyLoader {
             .await
             .unwrap_or_else(|_| Err("the key loader has stopped".into()))
     }
+}
+
+/// The rows of `ids` that exist, each with its live holds (a second query, only for keys found).
+async fn load_keys(
+    db: &DatabaseConnection,
+    ids: Vec<i64>,
+    clock: &SharedClock,
+) -> Result<HashMap<i64, LoadedKey>, DbErr> {
+    let rows = api_keys::Entity::find()
+        .filter(crate::db::key_id_in(db.get_database_backend(), ids))
+        .all(db)
+        .await?;
+    let found: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    let mut loaded: HashMap<i64, LoadedKey> = rows
+        .into_iter()
+        .map(|key| {
+            (
+                key.id,
+                LoadedKey {
+                    key,
+                    holds: Vec::new(),
+                },
+            )
+        })
+        .collect();
+    for hold in crate::db::usage::live_holds(db, found, clock.now()).await? {
+        if let Some(key) = loaded.get_mut(&hold.api_key_id) {
+            key.holds.push(hold);
+        }
+    }
+    Ok(loaded)
 }

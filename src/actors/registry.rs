@@ -5,7 +5,7 @@
 //! without crossing threads (every message of a key comes through the same shard).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -13,22 +13,27 @@ use entity::api_keys::Model;
 use sea_orm::DatabaseConnection;
 
 use super::key_actor::{
-    CheckQuota, DeleteKey, DescribeKey, KeyActor, KeyError, RecordUsage, RefreshKey, StopIfIdle,
-    StopKeyActor, UpdateKey, UsageCommitted, UsageRecorded, WindowRolled,
+    CheckQuota, DeleteKey, DescribeKey, ExpireHolds, KeyActor, KeyError, ListHolds, RecordUsage,
+    RefreshKey, StopIfIdle, StopKeyActor, UpdateKey, UsageCommitted, UsageRecorded, WindowRolled,
 };
 use super::loader::KeyLoader;
 use crate::alerts::Alerts;
 use crate::clock::SharedClock;
 use crate::db::api_keys::KeyChange;
 use crate::db::rollover::RolledChunk;
-use crate::domain::check::CheckReply;
+use crate::domain::check::{CheckAsk, CheckReply};
 use crate::domain::quota::QuotaState;
+use crate::domain::reservation::Reservation;
+use crate::ingest::WeakBatchWriterHandle;
 use crate::settings::UnknownKeyPolicy;
 
 /// Lock stripes of the id → actor map, so lookups from many threads rarely contend.
 const MAP_STRIPES: usize = 64;
 /// Shortest pause between idle sweeps.
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// How often actors with live holds are told to release the expired ones (a check releases them
+/// itself before deciding; this only frees the tokens and counts the metric for idle keys).
+const HOLD_EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// A message that meets a stopping actor is sent again to a fresh one, this many times at most.
 const MAX_SEND_ATTEMPTS: usize = 4;
 
@@ -42,6 +47,11 @@ pub struct RegistryShared {
     /// Admin changes record the alerts a lowered quota crosses, and wake the publisher.
     pub(crate) alerts: Alerts,
     stripes: Vec<Mutex<HashMap<i64, Entry>>>,
+    /// Actors with live holds, which the sweep tells to expire theirs: only these, so keys
+    /// without holds cost the sweep nothing, and no hold has a timer of its own.
+    holding: Mutex<HashMap<i64, Addr<KeyActor>>>,
+    /// Where granted holds go to be stored; set once the batch writer runs.
+    hold_writer: OnceLock<WeakBatchWriterHandle>,
     arbiters: Vec<ArbiterHandle>,
     /// Origin of `Entry::last_used_secs`.
     started: Instant,
@@ -87,6 +97,41 @@ impl RegistryShared {
             .expect("registry stripes are never held across a panic");
         if map.get(&id).is_some_and(|entry| entry.addr == *addr) {
             map.remove(&id);
+        }
+    }
+
+    /// The actor of `id` now has live holds: the expiry sweep reaches it.
+    pub(crate) fn note_holding(&self, id: i64, addr: Addr<KeyActor>) {
+        self.holding
+            .lock()
+            .expect("the holding map is never held across a panic")
+            .insert(id, addr);
+    }
+
+    /// The actor of `id` has no live holds any more (or stopped).
+    pub(crate) fn forget_holding(&self, id: i64) {
+        self.holding
+            .lock()
+            .expect("the holding map is never held across a panic")
+            .remove(&id);
+    }
+
+    /// Where a granted hold is queued to be stored; `None` before the writer runs (tests, benches).
+    pub(crate) fn hold_writer(&self) -> Option<&WeakBatchWriterHandle> {
+        self.hold_writer.get()
+    }
+
+    /// Tells every actor with live holds to release the expired ones.
+    fn sweep_expired_holds(&self) {
+        let holding: Vec<Addr<KeyActor>> = self
+            .holding
+            .lock()
+            .expect("the holding map is never held across a panic")
+            .values()
+            .cloned()
+            .collect();
+        for addr in holding {
+            addr.do_send(ExpireHolds);
         }
     }
 
@@ -154,7 +199,7 @@ impl KeyRegistry {
         };
         let arbiters = (0..count).map(|_| Arbiter::new().handle()).collect();
         let shared = Arc::new(RegistryShared {
-            loader: KeyLoader::start(db.clone()),
+            loader: KeyLoader::start(db.clone(), clock.clone()),
             db,
             clock,
             unknown_key,
@@ -163,19 +208,28 @@ impl KeyRegistry {
             stripes: (0..MAP_STRIPES)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            holding: Mutex::new(HashMap::new()),
+            hold_writer: OnceLock::new(),
             arbiters,
             started: Instant::now(),
         });
         let sweeper = Arc::downgrade(&shared);
-        let sweep_every = (idle_timeout / 2).max(MIN_SWEEP_INTERVAL);
+        let idle_sweep_every = (idle_timeout / 2).max(MIN_SWEEP_INTERVAL);
+        let tick = idle_sweep_every.min(HOLD_EXPIRY_SWEEP_INTERVAL);
+        // One timer for every key: expired holds each tick, idle actors when their sweep is due.
         tokio::spawn(async move {
+            let mut last_idle_sweep = Instant::now();
             loop {
-                tokio::time::sleep(sweep_every).await;
+                tokio::time::sleep(tick).await;
                 // The registry is gone: nothing left to sweep.
                 let Some(shared) = sweeper.upgrade() else {
                     return;
                 };
-                shared.sweep_idle();
+                shared.sweep_expired_holds();
+                if last_idle_sweep.elapsed() >= idle_sweep_every {
+                    last_idle_sweep = Instant::now();
+                    shared.sweep_idle();
+                }
             }
         });
         KeyRegistry {
@@ -188,6 +242,12 @@ impl KeyRegistry {
     /// The alert thresholds and the publisher's wake-up, for changes made outside the actors.
     pub fn alerts(&self) -> &Alerts {
         &self.shared.alerts
+    }
+
+    /// Granted holds are queued to `writer` from now on, to be stored with its next batch.
+    pub fn attach_hold_writer(&self, writer: WeakBatchWriterHandle) {
+        // Set once at start; a second writer (never made) would be ignored.
+        let _ = self.shared.hold_writer.set(writer);
     }
 
     /// Number of arbiters running key actors.
@@ -302,9 +362,9 @@ impl KeyRegistry {
     }
 
     /// Answers a check of key `id` from its actor, counting the outcome and its latency.
-    pub async fn check(&self, id: i64, estimate: Option<i64>) -> Result<CheckReply, KeyError> {
+    pub async fn check(&self, id: i64, ask: CheckAsk) -> Result<CheckReply, KeyError> {
         let started = std::time::Instant::now();
-        let result = self.send(id, CheckQuota { estimate }).await;
+        let result = self.send(id, CheckQuota { ask }).await;
         record_check(&result, started);
         result
     }
@@ -343,15 +403,31 @@ impl KeyRegistry {
         id: i64,
         tokens: i64,
         occurred_at: chrono::DateTime<chrono::Utc>,
+        reservation_id: Option<String>,
     ) -> Result<UsageRecorded, KeyError> {
         self.send(
             id,
             RecordUsage {
                 tokens,
                 occurred_at,
+                reservation_id,
             },
         )
         .await
+    }
+
+    /// The live holds of key `id` from its actor; `None` if the key does not exist.
+    pub async fn reservations(&self, id: i64) -> Result<Option<Vec<Reservation>>, KeyError> {
+        self.send(id, ListHolds).await
+    }
+
+    /// The live holds of `id` from its actor if one is running here; `None` otherwise.
+    pub async fn reservations_if_resident(
+        &self,
+        id: i64,
+        owns: impl Fn(u16) -> bool,
+    ) -> Option<Result<Option<Vec<Reservation>>, KeyError>> {
+        self.resident_owned(id, owns)?.send(ListHolds).await.ok()
     }
 
     /// Answers a check from the actor of `id` if one is running here (this instance owns the
@@ -359,12 +435,12 @@ impl KeyRegistry {
     pub async fn check_if_resident(
         &self,
         id: i64,
-        estimate: Option<i64>,
+        ask: CheckAsk,
         owns: impl Fn(u16) -> bool,
     ) -> Option<Result<CheckReply, KeyError>> {
         let addr = self.resident_owned(id, owns)?;
         let started = std::time::Instant::now();
-        let result = addr.send(CheckQuota { estimate }).await.ok()?;
+        let result = addr.send(CheckQuota { ask }).await.ok()?;
         record_check(&result, started);
         Some(result)
     }

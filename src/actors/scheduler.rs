@@ -1,4 +1,5 @@
-//! `Scheduler`: every `scheduler.interval_ms` rolls lapsed keys over in bulk; hourly prunes old event ids.
+//! `Scheduler`: every `scheduler.interval_ms` rolls lapsed keys over in bulk; hourly prunes old
+//! event ids and expired holds.
 
 use std::time::Duration;
 
@@ -25,7 +26,8 @@ pub struct Scheduler {
 #[rtype(result = "Result<usize, String>")]
 pub struct RollOverLapsedKeys;
 
-/// Delete processed event ids older than the retention period.
+/// Delete processed event ids older than the retention period, and stored holds that expired
+/// (the key actors released them in memory; a loading actor skips them meanwhile).
 #[derive(Clone, Copy, Debug, Message)]
 #[rtype(result = "Result<u64, String>")]
 pub struct PruneProcessedEvents;
@@ -81,9 +83,14 @@ impl Handler<PruneProcessedEvents> for Scheduler {
 
     fn handle(&mut self, _: PruneProcessedEvents, _: &mut Self::Context) -> Self::Result {
         let db = self.db.clone();
-        let older_than = self.clock.now() - self.event_retention;
+        let now = self.clock.now();
+        let older_than = now - self.event_retention;
         AtomicResponse::new(Box::pin(
             async move {
+                match crate::db::usage::delete_expired_holds(&db, now).await {
+                    Ok(deleted) => tracing::debug!(deleted, "expired holds deleted"),
+                    Err(error) => tracing::warn!(%error, "deleting expired holds failed"),
+                }
                 let result = prune_processed_events(&db, older_than).await;
                 match &result {
                     Ok(pruned) => tracing::debug!(pruned, "processed event ids pruned"),

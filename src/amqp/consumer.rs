@@ -17,6 +17,7 @@ use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
 use crate::clock::SharedClock;
 use crate::domain::check::{decode_check_request, CheckReply};
+use crate::domain::reservation::ReservationsReply;
 use crate::domain::usage::{decode_usage_event, Rejection, UsageEvent};
 use crate::ingest::{BatchWriterHandle, ConsumedEvent};
 use crate::metrics as names;
@@ -57,8 +58,9 @@ pub fn handle_delivery(
             Ok(event)
         })
     });
+    // A void (0 tokens naming a hold) must still reach the actor and the table.
     let counted = match &usage {
-        Some(Ok(event)) if event.tokens != 0 => {
+        Some(Ok(event)) if event.tokens != 0 || event.reservation_id.is_some() => {
             Some(acks.register(delivery.delivery_tag, delivery.acker.clone()))
         }
         _ => None,
@@ -68,6 +70,9 @@ pub fn handle_delivery(
             // A probe only tells this instance it owns the shard, which its arrival already did.
             (Some(InternalRequest::Probe), _, _) => ack(&delivery).await,
             (Some(InternalRequest::Refresh), _, _) => answer_refresh(delivery, &context).await,
+            (Some(InternalRequest::Reservations), _, _) => {
+                answer_reservations(delivery, &context).await
+            }
             (None, None, _) => answer_check(delivery, &context).await,
             (None, Some(Ok(event)), Some(ack)) => {
                 // The delivery's body moves into the way to refuse it later: no copy per event.
@@ -133,7 +138,7 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
     let reply = match request {
         Ok(request) => match context
             .registry
-            .check(request.api_key_id, request.tokens)
+            .check(request.api_key_id, request.ask)
             .await
         {
             Ok(reply) => reply,
@@ -197,11 +202,32 @@ async fn answer_refresh(delivery: Delivery, context: &DeliveryContext) {
     reply_and_ack(&delivery, context, reply.to_string().into_bytes()).await;
 }
 
+/// Another instance serves `GET /keys/{id}/reservations` for a key of this shard: the key's actor
+/// (loading it and its stored holds if needed) lists its live holds.
+async fn answer_reservations(delivery: Delivery, context: &DeliveryContext) {
+    let reply = match decode_check_request(&delivery.data) {
+        Ok(request) => {
+            let answer = context.registry.reservations(request.api_key_id).await;
+            ReservationsReply::from_answer(answer)
+        }
+        Err(rejection) => ReservationsReply::Unavailable {
+            detail: rejection.to_string(),
+        },
+    };
+    let body = serde_json::to_vec(&reply).expect("a ReservationsReply always serializes");
+    reply_and_ack(&delivery, context, body).await;
+}
+
 /// Counts a valid usage event in its key's memory and hands it to the batch writer.
 async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContext) {
     let ticket = match context
         .registry
-        .record_usage(event.api_key_id, event.tokens, event.occurred_at)
+        .record_usage(
+            event.api_key_id,
+            event.tokens,
+            event.occurred_at,
+            event.reservation_id.clone(),
+        )
         .await
     {
         Ok(UsageRecorded::Pending(ticket)) => Some(ticket),

@@ -35,6 +35,8 @@ const PROBE_HEADER: &str = "x-quota-probe";
 const COMMAND_HEADER: &str = "x-quota-command";
 /// The command: reload the key from the database (another instance changed it).
 const REFRESH_COMMAND: &str = "refresh";
+/// The command: list the key's live holds (they live in the owner's memory, SPEC §2.3).
+const RESERVATIONS_COMMAND: &str = "reservations";
 /// RabbitMQ's pseudo-queue for replies to the consuming channel.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// How often heartbeats, probes and balancing happen.
@@ -51,6 +53,7 @@ const PROBE_TTL_MS: &str = "2000";
 pub enum InternalRequest {
     Probe,
     Refresh,
+    Reservations,
 }
 
 /// The internal request a delivery carries, if any: a probe comes straight to the queue
@@ -66,6 +69,12 @@ pub fn internal_request(exchange: &str, properties: &BasicProperties) -> Option<
             if exchange == CHECK_EXCHANGE && command.as_bytes() == REFRESH_COMMAND.as_bytes() =>
         {
             Some(InternalRequest::Refresh)
+        }
+        Some(AMQPValue::LongString(command))
+            if exchange == CHECK_EXCHANGE
+                && command.as_bytes() == RESERVATIONS_COMMAND.as_bytes() =>
+        {
+            Some(InternalRequest::Reservations)
         }
         _ => None,
     }
@@ -157,6 +166,22 @@ impl Forwarder {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Asks the owner of `api_key_id` for its live holds; returns the reply body.
+    pub async fn reservations(
+        &self,
+        api_key_id: i64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ForwardError> {
+        let body = serde_json::json!({ "api_key_id": api_key_id }).to_string();
+        self.request(
+            api_key_id,
+            body.into_bytes(),
+            Some(RESERVATIONS_COMMAND),
+            timeout,
+        )
+        .await
     }
 
     async fn request(
@@ -595,6 +620,15 @@ mod tests {
             Some(InternalRequest::Refresh)
         );
         assert_eq!(internal_request("quota.usage", &refresh), None);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            COMMAND_HEADER.into(),
+            AMQPValue::LongString(RESERVATIONS_COMMAND.into()),
+        );
+        assert_eq!(
+            internal_request(CHECK_EXCHANGE, &plain.clone().with_headers(headers)),
+            Some(InternalRequest::Reservations)
+        );
         let mut headers = FieldTable::default();
         headers.insert(COMMAND_HEADER.into(), AMQPValue::LongString("drop".into()));
         assert_eq!(

@@ -244,6 +244,10 @@ where
             .exec(&txn)
             .await?;
         delete_key_alerts(&txn, id).await?;
+        entity::reservations::Entity::delete_many()
+            .filter(entity::reservations::Column::ApiKeyId.eq(id))
+            .exec(&txn)
+            .await?;
     }
     txn.commit().await?;
     Ok(deleted.rows_affected > 0)

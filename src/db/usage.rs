@@ -1,12 +1,13 @@
 //! One batch of usage events in one transaction: dedupe event ids, roll lapsed keys, add per-key
-//! sums, record the threshold alerts the sums cross.
+//! sums, record the threshold alerts the sums cross, and write the batch's hold changes (holds
+//! granted, holds settled or voided by its events).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use entity::{api_keys, processed_events, usage_history};
+use entity::{api_keys, processed_events, reservations, usage_history};
 use sea_orm::sea_query::{
-    Alias, Expr, ExprTrait, InsertStatement, OnConflict, Query, UpdateStatement,
+    Alias, Condition, Expr, ExprTrait, InsertStatement, OnConflict, Query, UpdateStatement,
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
@@ -15,6 +16,7 @@ use sea_orm::{
 
 use crate::domain::alerts::{CounterChange, Thresholds};
 use crate::domain::quota::QuotaState;
+use crate::domain::reservation::{instant_of_secs, net_hold_changes, HoldChange, NetHoldChanges};
 use crate::domain::usage::UsageEvent;
 use crate::domain::window::{window_containing, Window};
 
@@ -121,10 +123,120 @@ pub async fn commit_batch<C>(
 where
     C: TransactionTrait,
 {
+    commit_batch_with_holds(db, events, &[], now, thresholds).await
+}
+
+/// Commits `events` and the hold changes `holds` (in the order their key actors made them) at
+/// `now` in one transaction: a hold settled by an event leaves the table when the event counts.
+pub async fn commit_batch_with_holds<C>(
+    db: &C,
+    events: &[&UsageEvent],
+    holds: &[HoldChange],
+    now: DateTime<Utc>,
+    thresholds: &Thresholds,
+) -> Result<BatchOutcome, BatchError>
+where
+    C: TransactionTrait,
+{
     let txn = db.begin().await?;
-    let outcome = apply_batch(&txn, events, now, thresholds).await?;
+    let outcome = if events.is_empty() {
+        BatchOutcome::default()
+    } else {
+        apply_batch(&txn, events, now, thresholds).await?
+    };
+    write_hold_changes(&txn, holds).await?;
     txn.commit().await?;
     Ok(outcome)
+}
+
+/// Rows per statement of hold writes, well below both databases' bound-parameter limits.
+const HOLD_ROWS_PER_STATEMENT: usize = 1_000;
+
+/// Applies the net effect of `changes` to `reservations`: released holds deleted, granted ones
+/// inserted (replacing a row of the same key and id).
+async fn write_hold_changes(
+    txn: &impl ConnectionTrait,
+    changes: &[HoldChange],
+) -> Result<(), DbErr> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let NetHoldChanges { granted, released } = net_hold_changes(changes);
+    for chunk in released.chunks(HOLD_ROWS_PER_STATEMENT) {
+        let mut any = Condition::any();
+        for &(api_key_id, id) in chunk {
+            any = any.add(
+                Condition::all()
+                    .add(reservations::Column::ApiKeyId.eq(api_key_id))
+                    .add(reservations::Column::ReservationId.eq(id)),
+            );
+        }
+        reservations::Entity::delete_many()
+            .filter(any)
+            .exec(txn)
+            .await?;
+    }
+    for chunk in granted.chunks(HOLD_ROWS_PER_STATEMENT) {
+        let mut insert = Query::insert();
+        insert
+            .into_table(reservations::Entity)
+            .columns([
+                reservations::Column::ApiKeyId,
+                reservations::Column::ReservationId,
+                reservations::Column::Tokens,
+                reservations::Column::ExpiresAt,
+            ])
+            .on_conflict(
+                OnConflict::columns([
+                    reservations::Column::ApiKeyId,
+                    reservations::Column::ReservationId,
+                ])
+                .update_columns([
+                    reservations::Column::Tokens,
+                    reservations::Column::ExpiresAt,
+                ])
+                .to_owned(),
+            );
+        for &(api_key_id, id, hold) in chunk {
+            insert.values_panic([
+                api_key_id.into(),
+                id.into(),
+                hold.tokens.into(),
+                instant_of_secs(hold.expires_at).into(),
+            ]);
+        }
+        txn.execute(&insert).await?;
+    }
+    Ok(())
+}
+
+/// The stored holds of `key_ids` that have not expired at `now`.
+pub async fn live_holds(
+    db: &impl ConnectionTrait,
+    key_ids: Vec<i64>,
+    now: DateTime<Utc>,
+) -> Result<Vec<reservations::Model>, DbErr> {
+    if key_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    reservations::Entity::find()
+        .filter(reservations::Column::ApiKeyId.is_in(key_ids))
+        .filter(reservations::Column::ExpiresAt.gt(now))
+        .all(db)
+        .await
+}
+
+/// Deletes every stored hold expired at `now` (the key actors released them already, or will as
+/// they load); returns how many.
+pub async fn delete_expired_holds(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let deleted = reservations::Entity::delete_many()
+        .filter(reservations::Column::ExpiresAt.lte(now))
+        .exec(db)
+        .await?;
+    Ok(deleted.rows_affected)
 }
 
 async fn apply_batch(

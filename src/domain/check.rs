@@ -1,17 +1,58 @@
-//! Check requests (`{"api_key_id", "tokens"?}`) and the reply body shared by AMQP and HTTP.
+//! Check requests (`{"api_key_id", "tokens"?}`, optionally asking for a hold: `reserve`,
+//! `reservation_id`, `ttl_secs`) and the reply body shared by AMQP and HTTP.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::quota::{ceiling_detail, denial_detail, format_instant, QuotaState};
+use super::reservation::{optional_reserve, Reservation, ReserveRequest};
 use super::usage::{optional_count, required_key_id, Rejection};
 
 /// A validated check request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckRequest {
     pub api_key_id: i64,
+    pub ask: CheckAsk,
+}
+
+/// What a check asks of a key, whichever way it arrived (AMQP, HTTP, forwarded to the owner).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckAsk {
     /// Estimated tokens of the coming request.
     pub tokens: Option<i64>,
+    /// Hold this many tokens if allowed; then `reserve` is the estimate the check is decided on.
+    pub reserve: Option<ReserveRequest>,
+}
+
+impl CheckAsk {
+    /// The tokens the decision is taken on: the hold's when one is asked, else `tokens`.
+    pub fn estimate(&self) -> Option<i64> {
+        self.reserve
+            .as_ref()
+            .map(|reserve| reserve.tokens)
+            .or(self.tokens)
+    }
+
+    /// The request body of a check of `api_key_id` asking this, as a client would send it.
+    pub fn to_body(&self, api_key_id: i64) -> Value {
+        let mut request = serde_json::json!({ "api_key_id": api_key_id });
+        if let Some(tokens) = self.tokens {
+            request["tokens"] = tokens.into();
+        }
+        if let Some(reserve) = &self.reserve {
+            request["reserve"] = reserve.tokens.into();
+            request["reservation_id"] = reserve.id.clone().into();
+            request["ttl_secs"] = reserve.ttl_secs.into();
+        }
+        request
+    }
+}
+
+fn decode_ask(object: &Map<String, Value>) -> Result<CheckAsk, Rejection> {
+    Ok(CheckAsk {
+        tokens: optional_count(object, "tokens")?,
+        reserve: optional_reserve(object)?,
+    })
 }
 
 /// Decodes a check request from an AMQP body.
@@ -19,16 +60,17 @@ pub fn decode_check_request(body: &[u8]) -> Result<CheckRequest, Rejection> {
     let object = parse_object(body)?;
     Ok(CheckRequest {
         api_key_id: required_key_id(&object)?,
-        tokens: optional_count(&object, "tokens")?,
+        ask: decode_ask(&object)?,
     })
 }
 
-/// Decodes the optional `{"tokens": N}` body of `POST /keys/{id}/check`; an empty body means no estimate.
-pub fn decode_check_estimate(body: &[u8]) -> Result<Option<i64>, Rejection> {
+/// Decodes the optional body of `POST /keys/{id}/check` (`tokens`, or a hold); an empty body
+/// asks nothing but the check.
+pub fn decode_check_body(body: &[u8]) -> Result<CheckAsk, Rejection> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
+        return Ok(CheckAsk::default());
     }
-    optional_count(&parse_object(body)?, "tokens")
+    decode_ask(&parse_object(body)?)
 }
 
 pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Rejection> {
@@ -51,16 +93,35 @@ pub struct CheckReply {
     pub remaining: Option<i64>,
     pub quota_reset_at: Option<String>,
     pub detail: Option<String>,
+    /// Tokens held by live reservations (0 without holds); counted against the quota like used ones.
+    #[serde(default)]
+    pub tokens_reserved: i64,
+    /// The hold this check granted (or its earlier grant, for a repeated `reservation_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<Reservation>,
 }
 
 impl CheckReply {
-    /// The reply for a known key whose state has already been rolled over to `now`.
-    pub fn for_known_key(api_key_id: i64, state: &QuotaState, estimate: Option<i64>) -> Self {
-        let decision = state.decide(estimate);
+    /// The reply for a known key whose state has already been rolled over to `now`, with
+    /// `reserved` tokens held: the decision reads `used` as used + reserved (SPEC §1).
+    pub fn for_known_key(
+        api_key_id: i64,
+        state: &QuotaState,
+        reserved: i64,
+        estimate: Option<i64>,
+    ) -> Self {
+        let counted = QuotaState {
+            used: state.used.saturating_add(reserved),
+            ..*state
+        };
+        let decision = counted.decide(estimate);
         let (status, detail) = match (decision.allowed, state.quota) {
-            (false, Some(quota)) => (429, Some(denial_detail(state.used, quota, state.reset_at))),
+            (false, Some(quota)) => (
+                429,
+                Some(denial_detail(counted.used, quota, state.reset_at)),
+            ),
             // Unlimited, yet denied: the counter is at its ceiling.
-            (false, None) => (429, Some(ceiling_detail(state.used, state.reset_at))),
+            (false, None) => (429, Some(ceiling_detail(counted.used, state.reset_at))),
             _ => (200, None),
         };
         CheckReply {
@@ -73,7 +134,19 @@ impl CheckReply {
             remaining: decision.remaining,
             quota_reset_at: Some(format_instant(state.reset_at)),
             detail,
+            tokens_reserved: reserved,
+            reservation: None,
         }
+    }
+
+    /// The reply that returns a hold already granted (a repeated `reservation_id`): allowed,
+    /// whatever the key's state now, since the tokens are already held for this request.
+    pub fn with_existing_hold(mut self, reservation: Reservation) -> Self {
+        self.allowed = true;
+        self.status = 200;
+        self.detail = None;
+        self.reservation = Some(reservation);
+        self
     }
 
     /// The reply for a key the database does not know, under the configured policy.
@@ -87,6 +160,8 @@ impl CheckReply {
             tokens_used_this_month: 0,
             remaining: None,
             quota_reset_at: None,
+            tokens_reserved: 0,
+            reservation: None,
             detail: Some(format!("unknown API key {api_key_id}")),
         }
     }
@@ -102,6 +177,8 @@ impl CheckReply {
             tokens_used_this_month: 0,
             remaining: None,
             quota_reset_at: None,
+            tokens_reserved: 0,
+            reservation: None,
             detail: Some(reason.to_string()),
         }
     }
@@ -117,6 +194,8 @@ impl CheckReply {
             tokens_used_this_month: 0,
             remaining: None,
             quota_reset_at: None,
+            tokens_reserved: 0,
+            reservation: None,
             detail: Some(rejection.to_string()),
         }
     }
@@ -125,6 +204,7 @@ impl CheckReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::DateTime;
 
     #[test]
     fn decodes_a_request_with_and_without_estimate() {
@@ -132,14 +212,17 @@ mod tests {
             decode_check_request(br#"{"api_key_id": 42}"#).unwrap(),
             CheckRequest {
                 api_key_id: 42,
-                tokens: None
+                ask: CheckAsk::default()
             }
         );
         assert_eq!(
             decode_check_request(br#"{"api_key_id": 42, "tokens": 800}"#).unwrap(),
             CheckRequest {
                 api_key_id: 42,
-                tokens: Some(800)
+                ask: CheckAsk {
+                    tokens: Some(800),
+                    reserve: None
+                }
             }
         );
     }
@@ -162,8 +245,43 @@ mod tests {
 
     #[test]
     fn empty_http_body_means_no_estimate() {
-        assert_eq!(decode_check_estimate(b"").unwrap(), None);
-        assert_eq!(decode_check_estimate(br#"{"tokens": 5}"#).unwrap(), Some(5));
-        assert!(decode_check_estimate(br#"{"tokens": "5"}"#).is_err());
+        assert_eq!(decode_check_body(b"").unwrap(), CheckAsk::default());
+        assert_eq!(
+            decode_check_body(br#"{"tokens": 5}"#).unwrap().tokens,
+            Some(5)
+        );
+        assert!(decode_check_body(br#"{"tokens": "5"}"#).is_err());
+    }
+
+    #[test]
+    fn a_hold_is_decided_on_its_tokens_and_survives_forwarding() {
+        let request = decode_check_request(
+            br#"{"api_key_id": 7, "tokens": 5, "reserve": 100, "reservation_id": "r", "ttl_secs": 60}"#,
+        )
+        .unwrap();
+        assert_eq!(request.ask.estimate(), Some(100));
+        let forwarded = request.ask.to_body(7).to_string();
+        assert_eq!(decode_check_request(forwarded.as_bytes()).unwrap(), request);
+        assert!(decode_check_request(br#"{"api_key_id": 7, "reserve": 100}"#).is_err());
+    }
+
+    #[test]
+    fn holds_count_against_the_quota_and_remaining() {
+        let state = QuotaState {
+            quota: Some(1000),
+            used: 300,
+            reset_at: DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
+                .unwrap()
+                .with_timezone(&chrono::Utc),
+        };
+        let reply = CheckReply::for_known_key(1, &state, 600, Some(100));
+        assert!(reply.allowed);
+        assert_eq!(reply.remaining, Some(100));
+        assert_eq!(reply.tokens_reserved, 600);
+        assert_eq!(reply.tokens_used_this_month, 300);
+        let denied = CheckReply::for_known_key(1, &state, 600, Some(101));
+        assert_eq!(denied.status, 429);
+        assert!(denied.detail.unwrap().contains("(900/1000)"));
+        assert!(!CheckReply::for_known_key(1, &state, 700, None).allowed);
     }
 }

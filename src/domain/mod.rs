@@ -3,5 +3,6 @@
 pub mod alerts;
 pub mod check;
 pub mod quota;
+pub mod reservation;
 pub mod usage;
 pub mod window;

@@ -31,6 +31,8 @@ pub struct UsageEvent {
     pub api_key_id: i64,
     pub tokens: i64,
     pub occurred_at: DateTime<Utc>,
+    /// The hold this event settles (or voids, with 0 tokens), SPEC §2.3.
+    pub reservation_id: Option<String>,
 }
 
 /// Decodes a usage event; `received_at` is used when `occurred_at` is absent.
@@ -95,11 +97,13 @@ pub fn decode_usage_event(
         }
         Some(_) => return Err(Rejection::new("occurred_at must be an RFC 3339 string")),
     };
+    let reservation_id = super::reservation::optional_reservation_id(&object)?;
     Ok(UsageEvent {
         event_id,
         api_key_id,
         tokens,
         occurred_at,
+        reservation_id,
     })
 }
 
@@ -243,6 +247,21 @@ mod tests {
                 "{error:?} should mention {reason:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_settling_event_names_its_hold() {
+        let event = decode_usage_event(
+            br#"{"event_id": "s", "api_key_id": 1, "tokens": 60, "reservation_id": "r1"}"#,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(event.reservation_id.as_deref(), Some("r1"));
+        let bad = decode_usage_event(
+            br#"{"event_id": "s", "api_key_id": 1, "tokens": 60, "reservation_id": ""}"#,
+            now(),
+        );
+        assert!(bad.unwrap_err().to_string().contains("reservation_id"));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `POST /keys/{id}/check`: the quota answer of SPEC §2.2 over HTTP (200, 429 or 404).
+//! `POST /keys/{id}/check`: the quota answer of SPEC §2.2 over HTTP (200, 429 or 404), holds
+//! included (SPEC §2.3); `GET /keys/{id}/reservations`: the key's live holds, from its owner.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
@@ -8,7 +9,7 @@ use super::auth::Admin;
 use super::body::read_body;
 use super::errors::ApiError;
 use super::AppState;
-use crate::domain::check::{decode_check_estimate, CheckReply};
+use crate::domain::check::{decode_check_body, CheckReply};
 
 pub async fn check_key(
     _admin: Admin,
@@ -18,10 +19,22 @@ pub async fn check_key(
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_key_id(&path)?;
     let body = read_body(payload, state.max_body_bytes).await?;
-    let reply = match decode_check_estimate(&body) {
-        Ok(estimate) => state.owners.check(id, estimate).await?,
+    let reply = match decode_check_body(&body) {
+        Ok(ask) => state.owners.check(id, ask).await?,
         Err(rejection) => CheckReply::malformed(Some(id), &rejection),
     };
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
     Ok(HttpResponse::build(status).json(reply))
+}
+
+pub async fn key_reservations(
+    _admin: Admin,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_key_id(&path)?;
+    match state.owners.reservations(id).await? {
+        Some(reservations) => Ok(HttpResponse::Ok().json(reservations)),
+        None => Err(ApiError::NotFound(format!("no API key {id}"))),
+    }
 }

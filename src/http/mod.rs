@@ -61,7 +61,10 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .route(web::delete().to(admin::delete_key)),
         )
         .route("/keys/{id}/check", web::post().to(check::check_key))
-        .route("/keys/{id}/usage", web::get().to(usage::key_usage));
+        .route("/keys/{id}/usage", web::get().to(usage::key_usage))
+        .service(
+            web::resource("/keys/{id}/reservations").route(web::get().to(check::key_reservations)),
+        );
 }
 
 /// Gives every error response that is not JSON yet (unknown route, wrong method, …) a `{"detail"}` body.

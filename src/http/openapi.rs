@@ -16,6 +16,7 @@ use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use super::admin::KeyView;
 use crate::domain::check::CheckReply;
+use crate::domain::reservation::Reservation;
 
 /// The name of the HTTP Basic scheme of the admin routes in the document (the stubs' `security`
 /// repeat it as a literal: the attribute takes no constant).
@@ -39,7 +40,8 @@ const ADMIN_AUTH: &str = "admin_basic";
         patch_key,
         delete_key,
         check_key,
-        key_usage
+        key_usage,
+        key_reservations
     ),
     modifiers(&AdminBasicAuth),
     tags(
@@ -181,6 +183,12 @@ pub struct PatchKeyRequest {
 pub struct CheckEstimate {
     /// Tokens the coming request is expected to use (≥ 0).
     pub tokens: Option<i64>,
+    /// Hold this many tokens (1-10^12) if allowed; the check is decided on it. Needs `reservation_id`.
+    pub reserve: Option<i64>,
+    /// 1-128 characters, unique per key: the hold's idempotency key.
+    pub reservation_id: Option<String>,
+    /// 1-86400, default 900: the hold is released after this long unless settled.
+    pub ttl_secs: Option<i64>,
 }
 
 // Documentation stubs, one per route: the handlers are in `ops`, `admin`, `check` and `usage`.
@@ -298,6 +306,18 @@ fn check_key() {}
         (status = 503, description = "Admin disabled or database unavailable", body = ErrorBody)))]
 #[allow(dead_code)]
 fn key_usage() {}
+
+#[utoipa::path(get, path = "/keys/{id}/reservations", tag = "admin",
+    security(("admin_basic" = [])),
+    params(("id" = i64, Path, description = "Key id ≥ 1")),
+    responses(
+        (status = 200, description = "The key's live holds, as its owner holds them", body = Vec<Reservation>),
+        (status = 400, description = "Invalid key id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such key", body = ErrorBody),
+        (status = 503, description = "Admin disabled or the owner unavailable", body = ErrorBody)))]
+#[allow(dead_code)]
+fn key_reservations() {}
 
 /// A 400 of the check route: a bad path id gives `{"detail"}`, a malformed body a check reply.
 /// Described by hand as `anyOf` (a derived untagged enum would be `oneOf`, and a check reply

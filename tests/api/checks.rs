@@ -21,7 +21,7 @@ async fn a_check_over_direct_reply_to_is_answered_from_the_key() {
         json!({
             "api_key_id": 42, "known": true, "allowed": true, "status": 200,
             "token_quota_monthly": 1000, "tokens_used_this_month": 999, "remaining": 1,
-            "quota_reset_at": "2026-12-01T00:00:00Z", "detail": null
+            "quota_reset_at": "2026-12-01T00:00:00Z", "detail": null, "tokens_reserved": 0
         })
     );
 }

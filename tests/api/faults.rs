@@ -463,6 +463,7 @@ async fn the_database_refusing_a_batch_is_told_from_an_outage_on_both_backends()
             api_key_id,
             tokens: 10,
             occurred_at: at("2026-10-15T00:00:00Z"),
+            reservation_id: None,
         };
         let poison = late("poison", 1);
         let fine = late("fine", 2);
@@ -537,6 +538,7 @@ async fn a_passing_database_error_is_an_outage_not_a_refusal() {
         api_key_id: 1,
         tokens: 10,
         occurred_at: crate::helpers::test_now(),
+        reservation_id: None,
     };
     let outcome = commit_batch(
         &writer,
@@ -623,6 +625,7 @@ async fn a_late_event_on_top_of_a_full_closed_window_is_refused() {
             api_key_id: 1,
             tokens: 10,
             occurred_at: at(occurred_at),
+            reservation_id: None,
         };
         let late = event("late", "2026-11-20T00:00:00Z");
         let current = event("current", "2026-12-02T00:00:00Z");

@@ -11,5 +11,6 @@ mod faults;
 mod helpers;
 mod ingest;
 mod ops;
+mod reservations;
 mod rollover;
 mod storage;

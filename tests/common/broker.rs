@@ -148,6 +148,45 @@ impl BrokerClient {
         }
     }
 
+    /// Publishes every body in `bodies` as a check of `key` before reading any reply (pipelined,
+    /// as concurrent gateway requests arrive), then returns the replies in request order.
+    pub async fn check_pipelined(&mut self, key: i64, bodies: &[Value]) -> Vec<Value> {
+        let mut order = std::collections::HashMap::new();
+        for (index, body) in bodies.iter().enumerate() {
+            let correlation_id = uuid::Uuid::new_v4().to_string();
+            order.insert(correlation_id.clone(), index);
+            self.rpc
+                .basic_publish(
+                    "quota.check".into(),
+                    key.to_string().as_str().into(),
+                    BasicPublishOptions::default(),
+                    &serde_json::to_vec(body).unwrap(),
+                    BasicProperties::default()
+                        .with_reply_to(DIRECT_REPLY_TO.into())
+                        .with_correlation_id(correlation_id.as_str().into())
+                        .with_priority(1)
+                        .with_content_type("application/json".into()),
+                )
+                .await
+                .unwrap();
+        }
+        let mut replies = vec![Value::Null; bodies.len()];
+        let mut received = 0;
+        while received < bodies.len() {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), self.replies.next())
+                .await
+                .expect("every reply within 10 s")
+                .expect("the reply consumer is open")
+                .expect("a reply delivery");
+            let echoed = delivery.properties.correlation_id().as_ref();
+            if let Some(&index) = echoed.and_then(|id| order.get(id.as_str())) {
+                replies[index] = serde_json::from_slice(&delivery.data).expect("replies are JSON");
+                received += 1;
+            }
+        }
+        replies
+    }
+
     pub async fn check(&mut self, key: i64, tokens: Option<i64>) -> Value {
         let body = match tokens {
             Some(tokens) => serde_json::json!({"api_key_id": key, "tokens": tokens}),

@@ -274,7 +274,27 @@ async fn every_route_is_documented_and_real_responses_match_the_document() {
         admin(&app, Method::PATCH, "/users/carol/apikeys/5").json(&every_field("PatchKeyRequest"));
     v.check(key, full_patch, 200).await;
     let full_check = admin(&app, Method::POST, "/keys/5/check").json(&every_field("CheckEstimate"));
-    v.check(check, full_check, 200).await;
+    let held = v.check(check, full_check, 200).await;
+    assert_eq!(
+        held["reservation"]["tokens"], 5,
+        "a hold is granted: {held}"
+    );
+
+    let reservations = "/keys/{id}/reservations";
+    let listed = v
+        .check(
+            reservations,
+            admin(&app, Method::GET, "/keys/5/reservations"),
+            200,
+        )
+        .await;
+    assert_eq!(listed[0]["id"], "x");
+    v.check(
+        reservations,
+        admin(&app, Method::GET, "/keys/999/reservations"),
+        404,
+    )
+    .await;
 
     let usage = "/keys/{id}/usage";
     v.check(usage, admin(&app, Method::GET, "/keys/42/usage"), 200)

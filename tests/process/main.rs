@@ -11,6 +11,7 @@ mod crashes;
 mod harness;
 mod instances;
 mod outages;
+mod reservations;
 mod shutdown;
 mod soak;
 mod startup;

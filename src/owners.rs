@@ -1,17 +1,16 @@
 //! `Owners`: answers about a key from the instance that owns it — this one's actor when it holds
 //! the key, else the owner asked through the broker — and makes admin changes reach the owner.
 //!
-//! Only the owner of a key's shard holds an actor for it (SPEC §5), so a resident actor here
-//! means this instance owns the key. Anything else goes to `quota.check` with the key as routing
+//! Only the owner of a key's shard answers from an actor (SPEC §5): a resident actor here answers
+//! only while its shard is owned here. Anything else goes to `quota.check` with the key as routing
 //! key, which the broker delivers to the owner, whichever instance that is (this one included).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use entity::api_keys::Model;
 use sea_orm::{DatabaseConnection, DbErr};
-
-use std::sync::Arc;
 
 use crate::actors::key_actor::KeyError;
 use crate::actors::registry::KeyRegistry;

@@ -414,6 +414,14 @@ impl ShardLoop {
             self.context.writer.flush().await;
             acks.sent().await;
             if let ShardLoopEnd::Stop = end {
+                // Closed here, not left to the connection's close: the broker's close-ok comes
+                // after it has taken every acknowledgement sent on the channel before it.
+                let _ = tokio::time::timeout(
+                    CONNECTION_CLOSE_TIMEOUT,
+                    channel.close(200, "stopping".into()),
+                )
+                .await;
+                drop(consumer);
                 return;
             }
             // Hand-off: the keys' actors go first, so no answer comes from here once another

@@ -117,20 +117,10 @@ async fn ack(delivery: &Delivery) {
 
 /// Answers a check to its `reply_to`, echoing `correlation_id`; acknowledges after replying.
 async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
-    let Some(reply_to) = delivery.properties.reply_to().clone() else {
-        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "no_reply_to")
-            .increment(1);
-        tracing::debug!("check request without reply_to dropped");
-        ack(&delivery).await;
+    // Nothing is worked out for a request nobody can be answered.
+    let Some(reply_to) = reply_target(&delivery).await else {
         return;
     };
-    if let Err(invalid) = validate_reply_to(reply_to.as_str()) {
-        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "invalid_reply_to")
-            .increment(1);
-        tracing::debug!(reply_to = %reply_to, reason = %invalid, "check request dropped");
-        ack(&delivery).await;
-        return;
-    }
     let request = decode_check_request(&delivery.data).and_then(|request| {
         routed_by_key(&delivery, request.api_key_id)?;
         Ok(request)
@@ -150,24 +140,38 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
         }
     };
     let body = serde_json::to_vec(&reply).expect("a CheckReply always serializes");
-    reply_and_ack(&delivery, context, body).await;
+    reply_and_ack(&delivery, context, &reply_to, body).await;
 }
 
-/// Publishes `body` to the delivery's `reply_to` (echoing `correlation_id`), then acknowledges it.
-async fn reply_and_ack(delivery: &Delivery, context: &DeliveryContext, body: Vec<u8>) {
-    let Some(reply_to) = delivery.properties.reply_to().clone() else {
-        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "no_reply_to")
-            .increment(1);
-        ack(delivery).await;
-        return;
+/// The delivery's `reply_to` if a reply can go there; else the request is counted as dropped
+/// (with why), acknowledged, and `None` comes back. A reply to a name the broker cannot decode
+/// would close the whole connection, so such names are refused here.
+async fn reply_target(delivery: &Delivery) -> Option<ShortString> {
+    let reason = match delivery.properties.reply_to() {
+        None => {
+            tracing::debug!("request without reply_to dropped");
+            "no_reply_to"
+        }
+        Some(reply_to) => match validate_reply_to(reply_to.as_str()) {
+            Ok(()) => return Some(reply_to.clone()),
+            Err(invalid) => {
+                tracing::debug!(reply_to = %reply_to, reason = %invalid, "request dropped");
+                "invalid_reply_to"
+            }
+        },
     };
-    // A reply to a name the broker cannot decode would close the whole connection.
-    if validate_reply_to(reply_to.as_str()).is_err() {
-        metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => "invalid_reply_to")
-            .increment(1);
-        ack(delivery).await;
-        return;
-    }
+    metrics::counter!(names::CHECK_REQUESTS_DROPPED_TOTAL, "reason" => reason).increment(1);
+    ack(delivery).await;
+    None
+}
+
+/// Publishes `body` to `reply_to` (echoing the delivery's `correlation_id`), then acknowledges it.
+async fn reply_and_ack(
+    delivery: &Delivery,
+    context: &DeliveryContext,
+    reply_to: &ShortString,
+    body: Vec<u8>,
+) {
     let mut properties = BasicProperties::default().with_content_type("application/json".into());
     if let Some(correlation_id) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(correlation_id.clone());
@@ -199,7 +203,15 @@ async fn answer_refresh(delivery: Delivery, context: &DeliveryContext) {
             serde_json::json!({ "refreshed": false, "detail": rejection.to_string() })
         }
     };
-    reply_and_ack(&delivery, context, reply.to_string().into_bytes()).await;
+    if let Some(reply_to) = reply_target(&delivery).await {
+        reply_and_ack(
+            &delivery,
+            context,
+            &reply_to,
+            reply.to_string().into_bytes(),
+        )
+        .await;
+    }
 }
 
 /// Another instance serves `GET /keys/{id}/reservations` for a key of this shard: the key's actor
@@ -215,7 +227,9 @@ async fn answer_reservations(delivery: Delivery, context: &DeliveryContext) {
         },
     };
     let body = serde_json::to_vec(&reply).expect("a ReservationsReply always serializes");
-    reply_and_ack(&delivery, context, body).await;
+    if let Some(reply_to) = reply_target(&delivery).await {
+        reply_and_ack(&delivery, context, &reply_to, body).await;
+    }
 }
 
 /// Counts a valid usage event in its key's memory and hands it to the batch writer.

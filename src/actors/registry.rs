@@ -5,7 +5,7 @@
 //! without crossing threads (every message of a key comes through the same shard).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -74,8 +74,9 @@ const NO_SHARD: u16 = u16::MAX;
 pub const DRAINED_SHARD: u16 = u16::MAX - 1;
 
 impl RegistryShared {
-    fn stripe(&self, id: i64) -> &Mutex<HashMap<i64, Entry>> {
-        &self.stripes[id.rem_euclid(MAP_STRIPES as i64) as usize]
+    /// The locked stripe of key `id`.
+    fn stripe(&self, id: i64) -> MutexGuard<'_, HashMap<i64, Entry>> {
+        lock(&self.stripes[id.rem_euclid(MAP_STRIPES as i64) as usize])
     }
 
     /// Where a new actor of `id` starts: on the caller's home arbiter if it has one, else by id.
@@ -91,10 +92,7 @@ impl RegistryShared {
 
     /// Removes `id` from the map if it still points at `addr` (a newer actor may have replaced it).
     pub(crate) fn forget(&self, id: i64, addr: &Addr<KeyActor>) {
-        let mut map = self
-            .stripe(id)
-            .lock()
-            .expect("registry stripes are never held across a panic");
+        let mut map = self.stripe(id);
         if map.get(&id).is_some_and(|entry| entry.addr == *addr) {
             map.remove(&id);
         }
@@ -140,9 +138,7 @@ impl RegistryShared {
         let idle_secs = u32::try_from(self.idle_timeout.as_secs()).unwrap_or(u32::MAX);
         let now = self.now_secs();
         for stripe in &self.stripes {
-            let idle: Vec<Addr<KeyActor>> = stripe
-                .lock()
-                .expect("registry stripes are never held across a panic")
+            let idle: Vec<Addr<KeyActor>> = lock(stripe)
                 .values()
                 .filter(|entry| now.saturating_sub(entry.last_used_secs) >= idle_secs)
                 .map(|entry| entry.addr.clone())
@@ -169,6 +165,13 @@ fn record_check(result: &Result<CheckReply, KeyError>, started: std::time::Insta
     metrics::counter!(crate::metrics::CHECKS_TOTAL, "outcome" => outcome).increment(1);
     metrics::histogram!(crate::metrics::CHECK_DURATION_SECONDS)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// Locks one stripe of the id → actor map.
+fn lock(stripe: &Mutex<HashMap<i64, Entry>>) -> MutexGuard<'_, HashMap<i64, Entry>> {
+    stripe
+        .lock()
+        .expect("registry stripes are never held across a panic")
 }
 
 /// Cheap to clone; every clone sees the same actors.
@@ -285,11 +288,7 @@ impl KeyRegistry {
     /// The running actor of `id`, started (on the home arbiter, or the one the id maps to) if there is none.
     fn actor_for(&self, id: i64) -> Addr<KeyActor> {
         let now = self.shared.now_secs();
-        let mut map = self
-            .shared
-            .stripe(id)
-            .lock()
-            .expect("registry stripes are never held across a panic");
+        let mut map = self.shared.stripe(id);
         let shard = self.shard.unwrap_or(NO_SHARD);
         if let Some(entry) = map.get_mut(&id) {
             if entry.addr.connected() {
@@ -319,11 +318,7 @@ impl KeyRegistry {
     pub fn start_resident(&self, keys: impl IntoIterator<Item = Model>) {
         for key in keys {
             let id = key.id;
-            let mut map = self
-                .shared
-                .stripe(id)
-                .lock()
-                .expect("registry stripes are never held across a panic");
+            let mut map = self.shared.stripe(id);
             if map.get(&id).is_some_and(|entry| entry.addr.connected()) {
                 continue;
             }
@@ -495,9 +490,7 @@ impl KeyRegistry {
     pub fn evict_shard(&self, shard: u16) {
         for stripe in &self.shared.stripes {
             let actors: Vec<_> = {
-                let mut map = stripe
-                    .lock()
-                    .expect("registry stripes are never held across a panic");
+                let mut map = lock(stripe);
                 let ids: Vec<i64> = map
                     .iter()
                     .filter(|(_, entry)| entry.shard == shard)
@@ -519,8 +512,6 @@ impl KeyRegistry {
     fn resident_owned(&self, id: i64, owns: impl Fn(u16) -> bool) -> Option<Addr<KeyActor>> {
         self.shared
             .stripe(id)
-            .lock()
-            .expect("registry stripes are never held across a panic")
             .get(&id)
             .filter(|entry| owns(entry.shard))
             .map(|entry| entry.addr.clone())
@@ -528,12 +519,7 @@ impl KeyRegistry {
 
     /// The actor of `id` if one is running.
     fn resident(&self, id: i64) -> Option<Addr<KeyActor>> {
-        self.shared
-            .stripe(id)
-            .lock()
-            .expect("registry stripes are never held across a panic")
-            .get(&id)
-            .map(|entry| entry.addr.clone())
+        self.resident_owned(id, |_| true)
     }
 
     /// Tells the actor of `id`, if resident, what its batch committed; a non-resident key loads fresh anyway.
@@ -563,12 +549,7 @@ impl KeyRegistry {
 
     /// Drops the resident actor of `id`, if any, so the next request loads the key afresh.
     pub fn invalidate(&self, id: i64) {
-        let addr = self
-            .shared
-            .stripe(id)
-            .lock()
-            .expect("registry stripes are never held across a panic")
-            .remove(&id);
+        let addr = self.shared.stripe(id).remove(&id);
         if let Some(entry) = addr {
             entry.addr.do_send(StopKeyActor);
         }
@@ -579,12 +560,7 @@ impl KeyRegistry {
         self.shared
             .stripes
             .iter()
-            .map(|stripe| {
-                stripe
-                    .lock()
-                    .expect("registry stripes are never held across a panic")
-                    .len()
-            })
+            .map(|stripe| lock(stripe).len())
             .sum()
     }
 
@@ -599,12 +575,7 @@ impl KeyRegistry {
     /// Stops every key actor; the next request of each key loads it from the database.
     pub fn evict_all(&self) {
         for stripe in &self.shared.stripes {
-            let actors: Vec<_> = stripe
-                .lock()
-                .expect("registry stripes are never held across a panic")
-                .drain()
-                .map(|(_, entry)| entry.addr)
-                .collect();
+            let actors: Vec<_> = lock(stripe).drain().map(|(_, entry)| entry.addr).collect();
             for addr in actors {
                 addr.do_send(StopKeyActor);
             }

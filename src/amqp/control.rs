@@ -8,7 +8,7 @@
 //! to the next waiting consumer, which keeps it or passes it on by the same rule.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -128,12 +128,16 @@ struct Link {
 }
 
 impl Link {
-    /// Drops every waiting reply: their requests fail now instead of at their timeout.
-    fn fail_pending(&self) {
+    /// The replies awaited, by correlation id.
+    fn pending(&self) -> MutexGuard<'_, HashMap<String, oneshot::Sender<Vec<u8>>>> {
         self.pending
             .lock()
             .expect("the pending-reply map is never held across a panic")
-            .clear();
+    }
+
+    /// Drops every waiting reply: their requests fail now instead of at their timeout.
+    fn fail_pending(&self) {
+        self.pending().clear();
     }
 }
 
@@ -196,10 +200,7 @@ impl Forwarder {
             .ok_or(ForwardError::NotConnected(api_key_id))?;
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let (reply_sender, reply) = oneshot::channel();
-        link.pending
-            .lock()
-            .expect("the pending-reply map is never held across a panic")
-            .insert(correlation_id.clone(), reply_sender);
+        link.pending().insert(correlation_id.clone(), reply_sender);
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_reply_to(DIRECT_REPLY_TO.into())
@@ -237,34 +238,28 @@ impl Forwarder {
             }
         }
         .await;
-        link.pending
-            .lock()
-            .expect("the pending-reply map is never held across a panic")
-            .remove(&correlation_id);
+        link.pending().remove(&correlation_id);
         outcome
     }
 
-    fn current(&self) -> Option<Arc<Link>> {
+    /// The link of the session running now, if one runs.
+    fn slot(&self) -> MutexGuard<'_, Option<Arc<Link>>> {
         self.link
             .lock()
             .expect("the forwarder link is never held across a panic")
-            .clone()
+    }
+
+    fn current(&self) -> Option<Arc<Link>> {
+        self.slot().clone()
     }
 
     fn connect(&self, link: Arc<Link>) {
-        *self
-            .link
-            .lock()
-            .expect("the forwarder link is never held across a panic") = Some(link);
+        *self.slot() = Some(link);
     }
 
     /// The session ended: requests waiting for a reply fail at once.
     pub fn disconnect(&self) {
-        let link = self
-            .link
-            .lock()
-            .expect("the forwarder link is never held across a panic")
-            .take();
+        let link = self.slot().take();
         if let Some(link) = link {
             link.fail_pending();
         }
@@ -272,10 +267,7 @@ impl Forwarder {
 
     /// Disconnects `link` if it is still the current one (a later session may have replaced it).
     fn disconnect_link(&self, link: &Arc<Link>) {
-        let mut current = self
-            .link
-            .lock()
-            .expect("the forwarder link is never held across a panic");
+        let mut current = self.slot();
         if current
             .as_ref()
             .is_some_and(|current| Arc::ptr_eq(current, link))
@@ -473,10 +465,7 @@ impl ControlLink {
                 reply = replies.next() => match reply {
                     Some(Ok(delivery)) => {
                         if let Some(correlation_id) = delivery.properties.correlation_id() {
-                            let waiting = link
-                                .pending
-                                .lock()
-                                .expect("the pending-reply map is never held across a panic")
+                            let waiting = link.pending()
                                 .remove(correlation_id.as_str());
                             if let Some(waiting) = waiting {
                                 let _ = waiting.send(delivery.data);

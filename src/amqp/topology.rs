@@ -223,7 +223,7 @@ async fn declare_shards(channel: &Channel, shards: u16) -> lapin::Result<()> {
 
 /// The single layout: `SINGLE_QUEUE` with both public exchanges bound straight to it.
 async fn declare_single_queue(channel: &Channel) -> lapin::Result<()> {
-    declare_public(channel).await?;
+    // The public exchanges exist: `declare_layout` declared them before it tried the shard exchange.
     channel
         .queue_declare(
             SINGLE_QUEUE.into(),

@@ -24,7 +24,7 @@ use crate::amqp::AmqpService;
 use crate::clock::SharedClock;
 use crate::db;
 use crate::http::{self, AppState};
-use crate::ingest::{BatchWriter, BatchWriterHandle};
+use crate::ingest::{BatchWriter, BatchWriterHandle, DatabaseStore};
 use crate::owners::Owners;
 use crate::readiness::{BrokerState, Readiness};
 use crate::settings::Settings;
@@ -106,12 +106,14 @@ impl Application {
         }
         .start();
         let (writer, writer_task) = BatchWriter {
-            db: db.clone(),
+            store: DatabaseStore {
+                db: db.clone(),
+                alerts: alerts.clone(),
+            },
+            listener: registry.clone(),
             clock: clock.clone(),
-            registry: registry.clone(),
             readiness: readiness.clone(),
             settings: settings.ingest.clone(),
-            alerts: alerts.clone(),
         }
         .spawn();
         // Alerts are recorded with or without a broker; only an instance with one sends them.

@@ -12,7 +12,7 @@ use entity::api_keys::Model;
 use super::loader::LoadedKey;
 use super::registry::RegistryShared;
 use crate::db::api_keys::{self, KeyChange};
-use crate::db::usage::CommittedCounter;
+use crate::domain::batch_plan::CommittedCounter;
 use crate::domain::check::{CheckAsk, CheckReply};
 use crate::domain::quota::QuotaState;
 use crate::domain::reservation::{expiry_of, Hold, HoldChange, Holds, Reservation};
@@ -586,10 +586,8 @@ impl Handler<RecordUsage> for KeyActor {
         };
         let generation = resident.generation;
         // Late events (window already closed) never touch the current counter.
-        let in_current_window = crate::domain::window::next_window_start(msg.occurred_at)
-            .timestamp()
-            >= resident.reset_at;
-        if msg.tokens == 0 || !in_current_window {
+        let late = crate::domain::window::is_late(msg.occurred_at, instant_of(resident.reset_at));
+        if msg.tokens == 0 || late {
             return Ok(UsageRecorded::NotPending);
         }
         if let Err(refused) = resident.record(msg.tokens) {

@@ -21,6 +21,8 @@ use lapin::options::BasicAckOptions;
 use lapin::Acker;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::ingest::Completion;
+
 /// What to tell the broker about a usage delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Settlement {
@@ -89,6 +91,18 @@ impl PendingAck {
     }
 }
 
+/// The batch writer's word, in the broker's terms: committed → ack in its turn, refused → dead
+/// letter, then ack; a completion dropped unsaid abandons the delivery (see `Drop`).
+impl Completion for PendingAck {
+    fn committed(self: Box<Self>) {
+        self.settle(Settlement::Ack);
+    }
+
+    fn refused(self: Box<Self>, reason: String) -> BoxFuture<'static, ()> {
+        Box::pin(self.dead_letter(reason))
+    }
+}
+
 impl Drop for PendingAck {
     fn drop(&mut self) {
         if !self.settled {
@@ -133,41 +147,66 @@ impl AckSequencer {
 }
 
 async fn run(mut commands: mpsc::UnboundedReceiver<Command>) {
-    let mut outstanding: BTreeMap<u64, (Acker, Option<Settlement>)> = BTreeMap::new();
+    let mut order = SettlementOrder::default();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = commands.recv().await {
         // Take everything queued, then send once: one pass per burst, not per settlement.
         let mut next = Some(first);
         while let Some(command) = next {
             match command {
-                Command::Register(tag, acker) => {
-                    // Tags only repeat on a new channel, which gets a new sequencer.
-                    let previous = outstanding.insert(tag, (acker, None));
-                    debug_assert!(previous.is_none(), "delivery tag {tag} registered twice");
-                }
-                Command::Settle(tag, settlement) => {
-                    if let Some((_, slot)) = outstanding.get_mut(&tag) {
-                        *slot = Some(settlement);
-                    }
-                }
+                Command::Register(tag, acker) => order.register(tag, acker),
+                Command::Settle(tag, settlement) => order.settle(tag, settlement),
                 Command::Sent(done) => waiting.push(done),
             }
             next = commands.try_recv().ok();
         }
-        let mut ready = Vec::new();
-        while let Some(entry) = outstanding.first_entry() {
-            match entry.get().1 {
-                Some(settlement) => {
-                    let (acker, _) = entry.remove();
-                    ready.push((acker, settlement));
-                }
-                None => break,
-            }
-        }
-        send_in_order(ready).await;
+        send_in_order(order.take_ready()).await;
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
+    }
+}
+
+/// The sequencer's bookkeeping, apart from the broker: which registered deliveries may be
+/// settled now, oldest first. `A` is what settles one delivery (a lapin `Acker`).
+struct SettlementOrder<A> {
+    /// Registered deliveries by tag, with their settlement once known.
+    outstanding: BTreeMap<u64, (A, Option<Settlement>)>,
+}
+
+impl<A> Default for SettlementOrder<A> {
+    fn default() -> Self {
+        SettlementOrder {
+            outstanding: BTreeMap::new(),
+        }
+    }
+}
+
+impl<A> SettlementOrder<A> {
+    fn register(&mut self, tag: u64, acker: A) {
+        // Tags only repeat on a new channel, which gets a new sequencer.
+        let previous = self.outstanding.insert(tag, (acker, None));
+        debug_assert!(previous.is_none(), "delivery tag {tag} registered twice");
+    }
+
+    /// Records how `tag` is settled; a tag never registered (or already sent) is ignored.
+    fn settle(&mut self, tag: u64, settlement: Settlement) {
+        if let Some((_, slot)) = self.outstanding.get_mut(&tag) {
+            *slot = Some(settlement);
+        }
+    }
+
+    /// The settled deliveries with no unsettled one before them, in tag order; they leave.
+    fn take_ready(&mut self) -> Vec<(A, Settlement)> {
+        let mut ready = Vec::new();
+        while let Some(entry) = self.outstanding.first_entry() {
+            let Some(settlement) = entry.get().1 else {
+                break;
+            };
+            let (acker, _) = entry.remove();
+            ready.push((acker, settlement));
+        }
+        ready
     }
 }
 
@@ -186,4 +225,55 @@ async fn send_in_order(ready: Vec<(Acker, Settlement)>) {
         }
     });
     futures::future::join_all(frames).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready_tags(order: &mut SettlementOrder<u64>) -> Vec<(u64, Settlement)> {
+        order.take_ready()
+    }
+
+    #[test]
+    fn a_settlement_waits_for_every_earlier_delivery() {
+        let mut order = SettlementOrder::default();
+        for tag in 1..=4 {
+            order.register(tag, tag);
+        }
+        order.settle(3, Settlement::Ack);
+        order.settle(2, Settlement::Ack);
+        assert!(ready_tags(&mut order).is_empty(), "1 is not settled yet");
+        order.settle(1, Settlement::Abandon);
+        assert_eq!(
+            ready_tags(&mut order),
+            vec![
+                (1, Settlement::Abandon),
+                (2, Settlement::Ack),
+                (3, Settlement::Ack)
+            ]
+        );
+        order.settle(4, Settlement::Ack);
+        assert_eq!(ready_tags(&mut order), vec![(4, Settlement::Ack)]);
+        assert!(ready_tags(&mut order).is_empty(), "each goes out once");
+    }
+
+    #[test]
+    fn unknown_tags_are_ignored_and_later_registrations_queue_behind() {
+        let mut order = SettlementOrder::default();
+        order.register(5, 5);
+        order.settle(9, Settlement::Ack);
+        order.register(9, 9);
+        assert!(
+            ready_tags(&mut order).is_empty(),
+            "9 was settled before it was registered"
+        );
+        order.settle(9, Settlement::Ack);
+        assert!(ready_tags(&mut order).is_empty(), "5 holds 9 back");
+        order.settle(5, Settlement::Ack);
+        assert_eq!(
+            ready_tags(&mut order),
+            vec![(5, Settlement::Ack), (9, Settlement::Ack)]
+        );
+    }
 }

@@ -259,7 +259,11 @@ async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContex
         // that could not be loaded may exist: the batch writer decides against the database.
         Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_) => None,
     };
-    context.writer.submit(ConsumedEvent { event, ticket, ack });
+    context.writer.submit(ConsumedEvent {
+        event,
+        ticket,
+        completion: Box::new(ack),
+    });
 }
 
 /// Stores the message in `quota.usage.dead` with the reason, then acknowledges the original.

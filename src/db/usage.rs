@@ -1,6 +1,6 @@
-//! One batch of usage events in one transaction: dedupe event ids, roll lapsed keys, add per-key
-//! sums, record the threshold alerts the sums cross, and write the batch's hold changes (holds
-//! granted, holds settled or voided by its events).
+//! One batch of usage events in one transaction: dedupe event ids, lock the keys' rows, write what
+//! `domain::batch_plan` decides from them (increments, rollovers, late history, threshold alerts),
+//! and the batch's hold changes (holds granted, holds settled or voided by its events).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -14,21 +14,12 @@ use sea_orm::{
     QuerySelect, RuntimeErr, Statement, TransactionSession, TransactionTrait,
 };
 
-use crate::domain::alerts::{CounterChange, Thresholds};
-use crate::domain::quota::QuotaState;
+use crate::domain::alerts::Thresholds;
+pub use crate::domain::batch_plan::CommittedCounter;
+use crate::domain::batch_plan::{plan_batch, PlanRefusal, StoredKey};
 use crate::domain::reservation::{instant_of_secs, net_hold_changes, HoldChange, NetHoldChanges};
 use crate::domain::usage::UsageEvent;
-use crate::domain::window::{window_containing, Window};
-
-/// A key's counter after the batch committed, for its actor to adopt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CommittedCounter {
-    pub api_key_id: i64,
-    pub used: i64,
-    pub reset_at: DateTime<Utc>,
-    /// `counter_version` of the row: an actor ignores counters older than what it has.
-    pub version: i64,
-}
+use crate::domain::window::Window;
 
 /// What a committed batch did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -239,13 +230,13 @@ pub async fn delete_expired_holds(
     Ok(deleted.rows_affected)
 }
 
+/// Dedupe, then plan from the locked rows, then write the plan.
 async fn apply_batch(
     txn: &impl ConnectionTrait,
     events: &[&UsageEvent],
     now: DateTime<Utc>,
     thresholds: &Thresholds,
 ) -> Result<BatchOutcome, BatchError> {
-    let mut outcome = BatchOutcome::default();
     // 1. Dedupe inside the batch, then against every id ever committed: only newly inserted ids count.
     let mut seen = HashSet::with_capacity(events.len());
     let unique: Vec<&UsageEvent> = events
@@ -253,7 +244,6 @@ async fn apply_batch(
         .copied()
         .filter(|event| seen.insert(event.event_id.as_str()))
         .collect();
-    outcome.duplicates = events.len() - unique.len();
     // Every key of the batch, duplicates included: their actors get the committed counter too
     // (after an ambiguous commit, the retry sees only duplicates yet must still inform them).
     let batch_keys: BTreeSet<i64> = unique.iter().map(|event| event.api_key_id).collect();
@@ -262,23 +252,8 @@ async fn apply_batch(
         .into_iter()
         .filter(|event| new_ids.contains(event.event_id.as_str()))
         .collect();
-    outcome.duplicates += seen.len() - fresh.len();
 
-    // 2. Tokens per key and window; keys in ascending order so concurrent writers lock alike.
-    let mut per_key: BTreeMap<i64, BTreeMap<Window, (i64, usize)>> = BTreeMap::new();
-    for event in &fresh {
-        if event.tokens == 0 {
-            outcome.counted += 1;
-            continue;
-        }
-        let entry = per_key
-            .entry(event.api_key_id)
-            .or_default()
-            .entry(window_containing(event.occurred_at))
-            .or_default();
-        entry.0 += event.tokens;
-        entry.1 += 1;
-    }
+    // 2. The keys' rows, locked in ascending id order so concurrent writers lock alike.
     let backend = txn.get_database_backend();
     let mut rows = api_keys::Entity::find()
         .filter(super::key_id_in(
@@ -289,97 +264,16 @@ async fn apply_batch(
     if backend == DbBackend::Postgres {
         rows = rows.lock_exclusive();
     }
-    let rows: HashMap<i64, api_keys::Model> = rows
-        .all(txn)
-        .await?
-        .into_iter()
-        .map(|row| (row.id, row))
-        .collect();
+    let rows = rows.all(txn).await?;
+    let stored: HashMap<i64, StoredKey<'_>> =
+        rows.iter().map(|row| (row.id, stored_key(row))).collect();
 
-    // 3. Decide, per key, what goes to the current counter and what to closed windows.
-    let mut increments: Vec<(i64, i64)> = Vec::new();
-    let mut rolled: Vec<CommittedCounter> = Vec::new();
-    let mut history: BTreeMap<(i64, Window), i64> = BTreeMap::new();
-    let mut alerts = Vec::new();
-    for (&key_id, windows) in &per_key {
-        let Some(row) = rows.get(&key_id) else {
-            outcome.unknown_key += windows.values().map(|(_, count)| count).sum::<usize>();
-            continue;
-        };
-        let mut state = QuotaState {
-            quota: row.token_quota_monthly,
-            used: row.tokens_used_this_month,
-            reset_at: row.quota_reset_at,
-        };
-        let closed = state.roll_over_if_lapsed(now);
-        if let Some(closed) = closed {
-            *history.entry((key_id, closed.window)).or_default() += closed.tokens;
-        }
-        let mut current_delta = 0;
-        for (window, (tokens, count)) in windows {
-            outcome.counted += count;
-            if window.end >= state.reset_at {
-                // The current window, or a future one: counts now.
-                current_delta += tokens;
-            } else {
-                outcome.late += count;
-                // A window just closed may hold up to `i64::MAX` already.
-                let archived = history.entry((key_id, *window)).or_default();
-                *archived = archived.checked_add(*tokens).ok_or_else(|| {
-                    BatchError::Refused(format!(
-                        "history of key {key_id} for {} would pass {} ({} + {tokens})",
-                        crate::domain::quota::format_instant(window.start),
-                        i64::MAX,
-                        *archived
-                    ))
-                })?;
-            }
-        }
-        // Checked here rather than left to the database: SQLite turns an overflowing sum into a
-        // float instead of failing, and the message names the key.
-        if closed.is_none() && state.used.checked_add(current_delta).is_none() {
-            return Err(BatchError::Refused(format!(
-                "tokens_used_this_month of key {key_id} would pass {} ({} + {current_delta})",
-                i64::MAX,
-                state.used
-            )));
-        }
-        if current_delta != 0 {
-            // Before and after, read under the row lock: whichever instance commits the
-            // crossing sees it, and only once.
-            let change = CounterChange {
-                api_key_id: key_id,
-                username: &row.username,
-                quota_before: row.token_quota_monthly,
-                used_before: state.used,
-                quota: row.token_quota_monthly,
-                used: state.used.saturating_add(current_delta),
-                reset_at: state.reset_at,
-            };
-            alerts.extend(change.alerts(thresholds, now));
-        }
-        if closed.is_some() {
-            rolled.push(CommittedCounter {
-                api_key_id: key_id,
-                used: current_delta,
-                reset_at: state.reset_at,
-                version: row.counter_version + 1,
-            });
-        } else if current_delta != 0 {
-            increments.push((key_id, current_delta));
-        } else {
-            outcome.counters.push(counter_of(row));
-        }
-    }
-    // Keys with nothing new in this batch (only duplicates or zero tokens) report as they are.
-    for (key_id, row) in &rows {
-        if !per_key.contains_key(key_id) {
-            outcome.counters.push(counter_of(row));
-        }
-    }
+    // 3. Decide, from those rows alone.
+    let plan = plan_batch(&stored, &fresh, now, thresholds)
+        .map_err(|refusal| BatchError::Refused(refusal.to_string()))?;
 
     // 4. Write: rolled keys get their new window, the others one set-based increment.
-    for counter in &rolled {
+    for counter in &plan.rolled {
         api_keys::Entity::update_many()
             .col_expr(
                 api_keys::Column::TokensUsedThisMonth,
@@ -397,18 +291,33 @@ async fn apply_batch(
             .exec(txn)
             .await?;
     }
-    outcome.counters.extend(rolled);
-    if !increments.is_empty() {
-        outcome
-            .counters
-            .extend(add_to_counters(txn, &increments).await?);
+    let mut counters = plan.unchanged;
+    counters.extend(plan.rolled);
+    if !plan.increments.is_empty() {
+        counters.extend(add_to_counters(txn, &plan.increments).await?);
     }
     if backend == DbBackend::Sqlite {
-        history_fits_on_sqlite(txn, &history).await?;
+        history_fits_on_sqlite(txn, &plan.history).await?;
     }
-    add_to_history(txn, &history).await?;
-    outcome.alerts_recorded = super::alerts::record_alerts(txn, &alerts).await?;
-    Ok(outcome)
+    add_to_history(txn, &plan.history).await?;
+    let alerts_recorded = super::alerts::record_alerts(txn, &plan.alerts).await?;
+    Ok(BatchOutcome {
+        counted: plan.counted,
+        duplicates: events.len() - fresh.len(),
+        unknown_key: plan.unknown_key,
+        late: plan.late,
+        counters,
+        alerts_recorded,
+    })
+}
+
+/// What the plan reads of a key's row.
+fn stored_key(row: &api_keys::Model) -> StoredKey<'_> {
+    StoredKey {
+        username: &row.username,
+        quota: row.token_quota_monthly,
+        counter: counter_of(row),
+    }
 }
 
 /// SQLite turns an integer sum that overflows into a float instead of failing, so a history row
@@ -432,13 +341,15 @@ async fn history_fits_on_sqlite(
         };
         if let Some(tokens) = history.get(&(row.api_key_id, window)) {
             if row.tokens.checked_add(*tokens).is_none() {
-                return Err(BatchError::Refused(format!(
-                    "history of key {} for {} would pass {} ({} + {tokens})",
-                    row.api_key_id,
-                    crate::domain::quota::format_instant(window.start),
-                    i64::MAX,
-                    row.tokens
-                )));
+                return Err(BatchError::Refused(
+                    PlanRefusal::HistoryOverflow {
+                        api_key_id: row.api_key_id,
+                        window,
+                        stored: row.tokens,
+                        tokens: *tokens,
+                    }
+                    .to_string(),
+                ));
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Pure quota domain: windows, check decisions, rollover and wire-message validation. No IO, no clock reads.
 
 pub mod alerts;
+pub mod batch_plan;
 pub mod check;
 pub mod quota;
 pub mod reservation;

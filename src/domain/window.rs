@@ -38,6 +38,13 @@ pub fn window_containing(instant: DateTime<Utc>) -> Window {
     }
 }
 
+/// Whether usage that occurred at `occurred_at` belongs to a window that closed before the one
+/// ending at `current_window_end`: a late event, filed with that window's history. Usage of the
+/// current window or a future one (SPEC §1) is not late.
+pub fn is_late(occurred_at: DateTime<Utc>, current_window_end: DateTime<Utc>) -> bool {
+    next_window_start(occurred_at) < current_window_end
+}
+
 /// The window that ends at `end` (a month start): the month just before it.
 pub fn window_ending_at(end: DateTime<Utc>) -> Window {
     let last_instant = end - chrono::Duration::nanoseconds(1);
@@ -54,6 +61,18 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn only_usage_of_a_closed_window_is_late() {
+        let november_end = at("2026-12-01T00:00:00Z");
+        assert!(is_late(at("2026-10-31T23:59:59Z"), november_end));
+        assert!(!is_late(at("2026-11-01T00:00:00Z"), november_end));
+        assert!(!is_late(at("2026-11-30T23:59:59Z"), november_end));
+        assert!(
+            !is_late(at("2027-02-10T00:00:00Z"), november_end),
+            "future usage counts now"
+        );
     }
 
     #[test]

@@ -87,82 +87,12 @@ impl Application {
         } else {
             BrokerState::NotConfigured
         }));
-        let registry = KeyRegistry::start(
-            db.clone(),
-            clock.clone(),
-            settings.check.unknown_key,
-            Duration::from_secs(settings.actors.idle_timeout_secs),
-            settings.actors.arbiters,
-            alerts.clone(),
-        );
-        let scheduler = Scheduler {
-            db: db.clone(),
-            clock: clock.clone(),
-            registry: registry.clone(),
-            interval: Duration::from_millis(settings.scheduler.interval_ms),
-            event_retention: chrono::Duration::days(i64::from(
-                settings.ingest.event_retention_days,
-            )),
-        }
-        .start();
-        let (writer, writer_task) = BatchWriter {
-            store: DatabaseStore {
-                db: db.clone(),
-                alerts: alerts.clone(),
-            },
-            listener: registry.clone(),
-            clock: clock.clone(),
-            readiness: readiness.clone(),
-            settings: settings.ingest.clone(),
-        }
-        .spawn();
-        // Alerts are recorded with or without a broker; only an instance with one sends them.
-        let alerts_stop = CancellationToken::new();
-        let alerts_task = settings.amqp.enabled.then(|| {
-            AlertPublisher {
-                db: db.clone(),
-                clock: clock.clone(),
-                alerts: alerts.clone(),
-                amqp_url: crate::amqp::with_heartbeat(
-                    &settings.amqp.url,
-                    settings.amqp.heartbeat_secs,
-                ),
-                max_backoff: Duration::from_millis(settings.amqp.reconnect_max_backoff_ms),
-                stop: alerts_stop.clone(),
-            }
-            .spawn()
-        });
-        // Weak: the writer still ends once the consumers' handles are gone (graceful stop).
-        registry.attach_hold_writer(writer.downgrade());
+        let core = Core::start(&settings, &db, &clock, &readiness, alerts);
         let shutdown = CancellationToken::new();
-        let ownership = settings.amqp.enabled.then(|| {
-            Arc::new(Ownership::new(
-                uuid::Uuid::new_v4().simple().to_string(),
-                settings.amqp.shards,
-            ))
-        });
-        let forwarder = settings.amqp.enabled.then(Forwarder::default);
-        let amqp_task = ownership
-            .clone()
-            .zip(forwarder.clone())
-            .map(|(ownership, forwarder)| {
-                tokio::spawn(
-                    AmqpService {
-                        settings: settings.amqp.clone(),
-                        registry: registry.clone(),
-                        writer: writer.clone(),
-                        readiness: readiness.clone(),
-                        clock: clock.clone(),
-                        shutdown: shutdown.clone(),
-                        ownership,
-                        forwarder,
-                    }
-                    .run(),
-                )
-            });
-        // Kept until the consumers have stopped (and even without a broker): holds granted
-        // over HTTP reach the writer through the registry's weak handle meanwhile.
-        let hold_writer = writer;
+        let broker = settings
+            .amqp
+            .enabled
+            .then(|| Broker::start(&settings, &core, &readiness, &clock, shutdown.clone()));
         let state = web::Data::new(AppState {
             db: db.clone(),
             clock,
@@ -170,52 +100,36 @@ impl Application {
             max_body_bytes: settings.http.max_body_bytes,
             metrics,
             readiness: readiness.clone(),
-            registry: registry.clone(),
-            owners: Owners::new(registry.clone(), forwarder.zip(ownership.clone())),
-            ownership: ownership.clone(),
+            registry: core.registry.clone(),
+            owners: Owners::new(
+                core.registry.clone(),
+                broker
+                    .as_ref()
+                    .map(|broker| (broker.forwarder.clone(), broker.ownership.clone())),
+            ),
+            ownership: broker.as_ref().map(|broker| broker.ownership.clone()),
         });
         let port = listener
             .local_addr()
             .context("Failed to read the bound address")?
             .port();
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .wrap(http::json_error_bodies())
-                .wrap(TracingLogger::default())
-                .app_data(state.clone())
-                .configure(http::routes)
-                .default_service(web::to(|| async {
-                    http::errors::json_error(
-                        actix_web::http::StatusCode::NOT_FOUND,
-                        "no such route",
-                    )
-                }))
-        })
-        // Signals are handled by `run_until_stopped`, which flushes before the server stops.
-        .disable_signals()
-        .client_request_timeout(REQUEST_HEAD_TIMEOUT)
-        .shutdown_timeout(5);
-        if settings.http.workers > 0 {
-            server = server.workers(settings.http.workers);
-        }
-        let server = server
-            .listen(listener)
-            .context("Failed to listen for HTTP")?
-            .run();
+        let server = serve_http(listener, state, &settings)?;
         tracing::info!(port, database = %redact(&settings.database.url), "quota-keeper listening");
         Ok(Application {
             port,
             server,
             db,
-            registry,
-            scheduler,
+            registry: core.registry,
+            scheduler: core.scheduler,
             readiness,
             shutdown,
-            amqp_task,
-            hold_writer,
-            writer_task,
-            alerts_stop,
-            alerts_task,
+            amqp_task: broker.map(|broker| broker.task),
+            // Kept until the consumers have stopped (and even without a broker): holds granted
+            // over HTTP reach the writer through the registry's weak handle meanwhile.
+            hold_writer: core.writer,
+            writer_task: core.writer_task,
+            alerts_stop: core.alerts_stop,
+            alerts_task: core.alerts_task,
         })
     }
 
@@ -293,6 +207,153 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The parts that run with or without a broker: key actors, scheduler, batch writer, alerts.
+struct Core {
+    registry: KeyRegistry,
+    scheduler: Addr<Scheduler>,
+    writer: BatchWriterHandle,
+    writer_task: JoinHandle<()>,
+    /// Cancelled once the writers have committed their last batch.
+    alerts_stop: CancellationToken,
+    alerts_task: Option<JoinHandle<()>>,
+}
+
+impl Core {
+    fn start(
+        settings: &Settings,
+        db: &DatabaseConnection,
+        clock: &SharedClock,
+        readiness: &Arc<Readiness>,
+        alerts: Alerts,
+    ) -> Core {
+        let registry = KeyRegistry::start(
+            db.clone(),
+            clock.clone(),
+            settings.check.unknown_key,
+            Duration::from_secs(settings.actors.idle_timeout_secs),
+            settings.actors.arbiters,
+            alerts.clone(),
+        );
+        let scheduler = Scheduler {
+            db: db.clone(),
+            clock: clock.clone(),
+            registry: registry.clone(),
+            interval: Duration::from_millis(settings.scheduler.interval_ms),
+            event_retention: chrono::Duration::days(i64::from(
+                settings.ingest.event_retention_days,
+            )),
+        }
+        .start();
+        let (writer, writer_task) = BatchWriter {
+            store: DatabaseStore {
+                db: db.clone(),
+                alerts: alerts.clone(),
+            },
+            listener: registry.clone(),
+            clock: clock.clone(),
+            readiness: readiness.clone(),
+            settings: settings.ingest.clone(),
+        }
+        .spawn();
+        // Weak: the writer still ends once the consumers' handles are gone (graceful stop).
+        registry.attach_hold_writer(writer.downgrade());
+        // Alerts are recorded with or without a broker; only an instance with one sends them.
+        let alerts_stop = CancellationToken::new();
+        let alerts_task = settings.amqp.enabled.then(|| {
+            AlertPublisher {
+                db: db.clone(),
+                clock: clock.clone(),
+                alerts,
+                amqp_url: crate::amqp::with_heartbeat(
+                    &settings.amqp.url,
+                    settings.amqp.heartbeat_secs,
+                ),
+                max_backoff: Duration::from_millis(settings.amqp.reconnect_max_backoff_ms),
+                stop: alerts_stop.clone(),
+            }
+            .spawn()
+        });
+        Core {
+            registry,
+            scheduler,
+            writer,
+            writer_task,
+            alerts_stop,
+            alerts_task,
+        }
+    }
+}
+
+/// The broker session: consumers of every shard, and what it knows of owners.
+struct Broker {
+    ownership: Arc<Ownership>,
+    forwarder: Forwarder,
+    task: JoinHandle<()>,
+}
+
+impl Broker {
+    fn start(
+        settings: &Settings,
+        core: &Core,
+        readiness: &Arc<Readiness>,
+        clock: &SharedClock,
+        shutdown: CancellationToken,
+    ) -> Broker {
+        let ownership = Arc::new(Ownership::new(
+            uuid::Uuid::new_v4().simple().to_string(),
+            settings.amqp.shards,
+        ));
+        let forwarder = Forwarder::default();
+        let task = tokio::spawn(
+            AmqpService {
+                settings: settings.amqp.clone(),
+                registry: core.registry.clone(),
+                writer: core.writer.clone(),
+                readiness: readiness.clone(),
+                clock: clock.clone(),
+                shutdown,
+                ownership: ownership.clone(),
+                forwarder: forwarder.clone(),
+            }
+            .run(),
+        );
+        Broker {
+            ownership,
+            forwarder,
+            task,
+        }
+    }
+}
+
+/// The HTTP server on `listener`, not yet polled.
+fn serve_http(
+    listener: TcpListener,
+    state: web::Data<AppState>,
+    settings: &Settings,
+) -> anyhow::Result<Server> {
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .wrap(http::json_error_bodies())
+            .wrap(TracingLogger::default())
+            .app_data(state.clone())
+            .configure(http::routes)
+            .default_service(web::to(|| async {
+                http::errors::json_error(actix_web::http::StatusCode::NOT_FOUND, "no such route")
+            }))
+    })
+    // Signals are handled by `run_until_stopped`, which flushes before the server stops.
+    .disable_signals()
+    .client_request_timeout(REQUEST_HEAD_TIMEOUT)
+    .shutdown_timeout(5);
+    if settings.http.workers > 0 {
+        server = server.workers(settings.http.workers);
+    }
+    Ok(server
+        .listen(listener)
+        .context("Failed to listen for HTTP")?
+        .run())
 }
 
 async fn wait_for_shutdown_signal() {

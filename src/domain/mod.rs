@@ -2,7 +2,9 @@
 
 pub mod alerts;
 pub mod check;
+pub mod outcome;
 pub mod quota;
 pub mod reservation;
 pub mod usage;
 pub mod window;
+pub mod wire;

@@ -78,8 +78,8 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
 ];
 
 /// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.
-/// Samples wait in memory until then (about 20 bytes each): at 800k in-process checks/s, 5 s let
-/// RSS wander up by 50 MiB, 1 s by 11 MiB and then no further (BENCHMARKS.md).
+/// Samples wait in memory until then (about 20 bytes each), so under heavy check load the
+/// interval bounds how far RSS wanders (BENCHMARKS.md, memory per check).
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

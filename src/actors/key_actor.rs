@@ -178,8 +178,8 @@ struct Resident {
 
 /// A one-value byte: its 255 impossible values let `KeyState` store which variant it is without
 /// a tag word of its own. With the holds pointer, that keeps the key actor as large as it was
-/// without holds (72 bytes): 8 more bytes moved every actor into the next allocation class,
-/// 1,118 instead of about 860 bytes per resident key (BENCHMARKS.md).
+/// without holds (72 bytes): 8 more bytes move every actor into the next allocation class
+/// (BENCHMARKS.md has the figures).
 #[derive(Clone, Copy, Debug)]
 #[repr(u8)]
 enum TagRoom {

@@ -104,20 +104,21 @@ impl RegistryShared {
         }
     }
 
-    /// The actor of `id` now has live holds: the expiry sweep reaches it.
-    pub(crate) fn note_holding(&self, id: i64, addr: Addr<KeyActor>) {
+    /// The locked map of actors with live holds.
+    fn holding(&self) -> MutexGuard<'_, HashMap<i64, Addr<KeyActor>>> {
         self.holding
             .lock()
             .expect("the holding map is never held across a panic")
-            .insert(id, addr);
+    }
+
+    /// The actor of `id` now has live holds: the expiry sweep reaches it.
+    pub(crate) fn note_holding(&self, id: i64, addr: Addr<KeyActor>) {
+        self.holding().insert(id, addr);
     }
 
     /// The actor of `id` has no live holds any more (or stopped).
     pub(crate) fn forget_holding(&self, id: i64) {
-        self.holding
-            .lock()
-            .expect("the holding map is never held across a panic")
-            .remove(&id);
+        self.holding().remove(&id);
     }
 
     /// Where a granted hold is queued to be stored; `None` before the writer runs (tests, benches).
@@ -127,13 +128,7 @@ impl RegistryShared {
 
     /// Tells every actor with live holds to release the expired ones.
     fn sweep_expired_holds(&self) {
-        let holding: Vec<Addr<KeyActor>> = self
-            .holding
-            .lock()
-            .expect("the holding map is never held across a panic")
-            .values()
-            .cloned()
-            .collect();
+        let holding: Vec<Addr<KeyActor>> = self.holding().values().cloned().collect();
         for addr in holding {
             addr.do_send(ExpireHolds);
         }

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::topology::ALERTS_EXCHANGE;
+use crate::amqp::PERSISTENT;
 use crate::clock::SharedClock;
 use crate::db::alerts::{mark_published, pending_count, prune_published, take_pending};
 use crate::domain::alerts::{Alert, Thresholds};
@@ -131,7 +132,7 @@ impl Link {
                     BasicPublishOptions::default(),
                     &body,
                     BasicProperties::default()
-                        .with_delivery_mode(2)
+                        .with_delivery_mode(PERSISTENT)
                         .with_content_type("application/json".into())
                         .with_message_id(message.alert_id.as_str().into()),
                 )

@@ -1,10 +1,12 @@
-//! Prometheus recorder, installed once per process, the names of the service's metrics, and their
-//! registration at 0 so every family is exported from the start.
+//! Prometheus recorder, installed once per process, the names of the service's metrics and their
+//! labels, and their registration at 0 so every family is exported from the start.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::domain::outcome::CheckOutcome;
 
 pub const CHECKS_TOTAL: &str = "quota_checks_total";
 pub const CHECK_DURATION_SECONDS: &str = "quota_check_duration_seconds";
@@ -37,6 +39,8 @@ pub const RESERVATIONS_EXPIRED_TOTAL: &str = "quota_reservations_expired_total";
 pub const READY: &str = "quota_ready";
 
 /// Every `outcome` of `quota_checks_total` (set in `KeyRegistry::check` and the AMQP consumer).
+/// `other` is no longer recorded (every outcome has its own label) but stays exported, at 0, for
+/// dashboards that sum it.
 pub const CHECK_OUTCOMES: &[&str] = &[
     "allowed",
     "denied",
@@ -46,6 +50,18 @@ pub const CHECK_OUTCOMES: &[&str] = &[
     "unavailable",
     "other",
 ];
+/// The `outcome` label of `quota_checks_total` for a check decided so.
+pub fn check_outcome_label(outcome: CheckOutcome) -> &'static str {
+    match outcome {
+        CheckOutcome::Allowed => "allowed",
+        CheckOutcome::QuotaReached => "denied",
+        CheckOutcome::UnknownKey { allowed: true } => "unknown_allowed",
+        CheckOutcome::UnknownKey { allowed: false } => "unknown_denied",
+        CheckOutcome::Malformed => "malformed",
+        CheckOutcome::Unavailable => "unavailable",
+    }
+}
+
 /// Every `outcome` of `quota_usage_events_total` (set by the batch writer and the AMQP consumer).
 pub const USAGE_EVENT_OUTCOMES: &[&str] = &["counted", "duplicate", "late", "zero"];
 /// Every `reason` of `quota_check_requests_dropped_total`.
@@ -62,8 +78,8 @@ const LATENCY_BUCKETS_SECONDS: &[f64] = &[
 ];
 
 /// How often histogram samples are folded into their buckets when nobody scrapes `/metrics`.
-/// Samples wait in memory until then (about 20 bytes each): at 800k in-process checks/s, 5 s let
-/// RSS wander up by 50 MiB, 1 s by 11 MiB and then no further (BENCHMARKS.md).
+/// Samples wait in memory until then (about 20 bytes each), so under heavy check load the
+/// interval bounds how far RSS wanders (BENCHMARKS.md, memory per check).
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -204,5 +220,24 @@ fn register_every_family() {
         for outcome in FORWARDED_OUTCOMES {
             counter!(FORWARDED_REQUESTS_TOTAL, "kind" => *kind, "outcome" => *outcome).increment(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_check_outcome_has_a_registered_label_of_its_own() {
+        let labels: Vec<&str> = CheckOutcome::ALL.map(check_outcome_label).to_vec();
+        for label in &labels {
+            assert!(CHECK_OUTCOMES.contains(label), "{label} is not registered");
+        }
+        let distinct: std::collections::BTreeSet<&str> = labels.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            labels.len(),
+            "two outcomes share a label: {labels:?}"
+        );
     }
 }

@@ -18,6 +18,7 @@ use crate::amqp::control::{ForwardError, Forwarder};
 use crate::amqp::ownership::Ownership;
 use crate::db::api_keys::{self, KeyChange};
 use crate::domain::check::{CheckAsk, CheckReply};
+use crate::domain::outcome::CheckOutcome;
 use crate::domain::quota::QuotaState;
 use crate::domain::reservation::{Reservation, ReservationsReply};
 use crate::metrics as names;
@@ -92,10 +93,11 @@ impl Owners {
             return Ok(answer?);
         }
         let reply = self.check(id, CheckAsk::default()).await?;
-        if reply.status == 503 {
-            return Err(KeyError::Unavailable(reply.detail.unwrap_or_default()).into());
+        if reply.outcome == CheckOutcome::Unavailable {
+            let detail = reply.detail.unwrap_or_default();
+            return Err(OwnerError::OwnerUnavailable(id, detail));
         }
-        if !reply.known {
+        if !reply.outcome.known() {
             return Ok(None);
         }
         let reset_at = reply

@@ -10,6 +10,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use crate::amqp::topology::CHECK_EXCHANGE;
 use crate::domain::check::CheckReply;
+use crate::domain::outcome::CheckOutcome;
 
 /// RabbitMQ's pseudo-queue for replies straight to the consuming channel, nothing declared.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -35,10 +36,14 @@ pub enum CheckVerdict {
 
 impl RemoteCheckReply {
     pub fn verdict(&self) -> CheckVerdict {
-        match self.reply.status {
-            200 if self.reply.allowed => CheckVerdict::Allowed,
-            429 | 404 => CheckVerdict::Denied,
-            _ => CheckVerdict::Undecided,
+        match self.reply.outcome {
+            CheckOutcome::Allowed | CheckOutcome::UnknownKey { allowed: true } => {
+                CheckVerdict::Allowed
+            }
+            CheckOutcome::QuotaReached | CheckOutcome::UnknownKey { allowed: false } => {
+                CheckVerdict::Denied
+            }
+            CheckOutcome::Malformed | CheckOutcome::Unavailable => CheckVerdict::Undecided,
         }
     }
 }
@@ -133,21 +138,27 @@ async fn ask(
 mod tests {
     use super::*;
 
-    fn reply_with(status: u16, allowed: bool) -> RemoteCheckReply {
-        let mut reply = CheckReply::for_unknown_key(42, allowed);
-        reply.status = status;
+    /// The verdict on a reply as received, `status` and `known` as the service sends them.
+    fn verdict_on(status: u16, known: bool) -> CheckVerdict {
+        let body = format!(
+            r#"{{"api_key_id": 42, "known": {known}, "allowed": false, "status": {status},
+                "token_quota_monthly": null, "tokens_used_this_month": 0, "remaining": null,
+                "quota_reset_at": null, "detail": null}}"#
+        );
         RemoteCheckReply {
             body: String::new(),
-            reply,
+            reply: serde_json::from_str(&body).expect("the test builds a valid reply"),
         }
+        .verdict()
     }
 
     #[test]
     fn the_status_decides_the_verdict() {
-        assert_eq!(reply_with(200, true).verdict(), CheckVerdict::Allowed);
-        assert_eq!(reply_with(429, false).verdict(), CheckVerdict::Denied);
-        assert_eq!(reply_with(404, false).verdict(), CheckVerdict::Denied);
-        assert_eq!(reply_with(400, false).verdict(), CheckVerdict::Undecided);
-        assert_eq!(reply_with(503, false).verdict(), CheckVerdict::Undecided);
+        assert_eq!(verdict_on(200, true), CheckVerdict::Allowed);
+        assert_eq!(verdict_on(200, false), CheckVerdict::Allowed);
+        assert_eq!(verdict_on(429, true), CheckVerdict::Denied);
+        assert_eq!(verdict_on(404, false), CheckVerdict::Denied);
+        assert_eq!(verdict_on(400, false), CheckVerdict::Undecided);
+        assert_eq!(verdict_on(503, false), CheckVerdict::Undecided);
     }
 }

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use entity::api_keys::Model;
 
-use super::loader::LoadedKey;
+use super::loader::{LoadError, LoadedKey};
 use super::registry::RegistryShared;
 use crate::db::api_keys::{self, KeyChange};
 use crate::domain::batch_plan::CommittedCounter;
@@ -27,9 +27,16 @@ const FAILED_LOAD_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Why a key actor could not answer.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum KeyError {
-    /// The key is not resident and the database cannot be read or written.
+    /// The key is not resident and could not be loaded; the actor stops after
+    /// `FAILED_LOAD_RETRY_AFTER`, so a later request tries again.
     #[error("quota state unavailable: {0}")]
-    Unavailable(String),
+    Load(#[from] LoadError),
+    /// Reading or writing the key's row for an admin change or a reload failed.
+    #[error("quota state unavailable: database error: {0}")]
+    Database(#[from] sea_orm::DbErr),
+    /// Every actor of the key the message reached was stopping (evicted, deleted, reloaded).
+    #[error("quota state unavailable: the actor of key {id} stopped {attempts} times in a row")]
+    ActorStopped { id: i64, attempts: usize },
 }
 
 /// Answer a check from memory (rolling a lapsed window over first), granting the hold it asks
@@ -134,10 +141,6 @@ pub struct StopIfIdle;
 #[rtype(result = "()")]
 pub struct StopKeyActor;
 
-fn database_unavailable(error: sea_orm::DbErr) -> KeyError {
-    KeyError::Unavailable(error.to_string())
-}
-
 /// The instant of a window end kept as Unix seconds.
 fn instant_of(seconds: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(seconds, 0)
@@ -175,8 +178,8 @@ struct Resident {
 
 /// A one-value byte: its 255 impossible values let `KeyState` store which variant it is without
 /// a tag word of its own. With the holds pointer, that keeps the key actor as large as it was
-/// without holds (72 bytes): 8 more bytes moved every actor into the next allocation class,
-/// 1,118 instead of about 860 bytes per resident key (BENCHMARKS.md).
+/// without holds (72 bytes): 8 more bytes move every actor into the next allocation class
+/// (BENCHMARKS.md has the figures).
 #[derive(Clone, Copy, Debug)]
 #[repr(u8)]
 enum TagRoom {
@@ -250,7 +253,7 @@ enum KeyState {
     Loading,
     Resident(Resident),
     Unknown,
-    LoadFailed(String),
+    LoadFailed(LoadError),
 }
 
 pub struct KeyActor {
@@ -356,7 +359,7 @@ impl KeyActor {
     /// Whether an admin change can go ahead: `false` for an unknown key, `Err` if it did not load.
     fn ready_for_admin(&self) -> Result<bool, KeyError> {
         match &self.state {
-            KeyState::LoadFailed(reason) => Err(KeyError::Unavailable(reason.clone())),
+            KeyState::LoadFailed(error) => Err(KeyError::Load(error.clone())),
             state => Ok(matches!(state, KeyState::Resident(_))),
         }
     }
@@ -371,7 +374,7 @@ impl KeyActor {
     fn resident_now(&mut self) -> Result<Option<&mut Resident>, KeyError> {
         let now = self.shared.clock.now();
         match &mut self.state {
-            KeyState::LoadFailed(reason) => Err(KeyError::Unavailable(reason.clone())),
+            KeyState::LoadFailed(error) => Err(KeyError::Load(error.clone())),
             KeyState::Resident(resident) => {
                 resident.roll_over_if_lapsed(now);
                 Ok(Some(resident))
@@ -451,7 +454,7 @@ impl Handler<CheckQuota> for KeyActor {
                 .with_existing_hold(hold.view(&reserve.id)));
         }
         let mut reply = CheckReply::for_known_key(id, &view, reserved, Some(reserve.tokens));
-        if !reply.allowed {
+        if !reply.allowed() {
             return Ok(reply);
         }
         let hold = Hold {
@@ -514,7 +517,7 @@ impl Handler<UpdateKey> for KeyActor {
                     alerts.thresholds(),
                 )
                 .await
-                .map_err(database_unavailable)?;
+                .map_err(KeyError::Database)?;
                 // A lowered quota may have recorded alerts (a quick look at nothing otherwise).
                 alerts.wake_publisher();
                 Ok(updated)
@@ -545,7 +548,7 @@ impl Handler<DeleteKey> for KeyActor {
                 }
                 api_keys::delete_key(&db, id, &msg.username)
                     .await
-                    .map_err(database_unavailable)
+                    .map_err(KeyError::Database)
             }
             .into_actor(self)
             .map(|result, actor, ctx| {
@@ -691,7 +694,7 @@ impl Handler<RefreshKey> for KeyActor {
             async move {
                 api_keys::find_key(&db, id)
                     .await
-                    .map_err(database_unavailable)
+                    .map_err(KeyError::Database)
             }
             .into_actor(self)
             .map(|loaded, actor, ctx| match loaded {

@@ -2,6 +2,7 @@
 //! per query when many start at once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use entity::api_keys::{self, Model};
 use entity::reservations;
@@ -20,8 +21,19 @@ pub struct LoadedKey {
     pub holds: Vec<reservations::Model>,
 }
 
-/// A loaded key, `None` if it does not exist; `Err` carries why the database could not say.
-pub type LoadResult = Result<Option<LoadedKey>, String>;
+/// Why a key could not be loaded.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The query of the key's batch failed; every key of the batch shares the error.
+    #[error("database error while loading the key: {0}")]
+    Database(Arc<DbErr>),
+    /// The loader task is gone (the runtime is shutting down).
+    #[error("the key loader has stopped")]
+    LoaderStopped,
+}
+
+/// A loaded key, `None` if it does not exist.
+pub type LoadResult = Result<Option<LoadedKey>, LoadError>;
 
 type LoadRequest = (i64, oneshot::Sender<LoadResult>);
 
@@ -53,9 +65,9 @@ impl KeyLoader {
                         }
                     }
                     Err(error) => {
-                        let reason = error.to_string();
+                        let error = Arc::new(error);
                         for (_, reply) in batch {
-                            let _ = reply.send(Err(reason.clone()));
+                            let _ = reply.send(Err(LoadError::Database(Arc::clone(&error))));
                         }
                     }
                 }
@@ -68,11 +80,9 @@ impl KeyLoader {
     pub async fn load(&self, id: i64) -> LoadResult {
         let (reply, answer) = oneshot::channel();
         if self.requests.send((id, reply)).is_err() {
-            return Err("the key loader has stopped".into());
+            return Err(LoadError::LoaderStopped);
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the key loader has stopped".into()))
+        answer.await.unwrap_or(Err(LoadError::LoaderStopped))
     }
 }
 

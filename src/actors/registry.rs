@@ -6,9 +6,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
+use chrono::{DateTime, Utc};
 use entity::api_keys::Model;
 use sea_orm::DatabaseConnection;
 
@@ -22,9 +23,11 @@ use crate::clock::SharedClock;
 use crate::db::api_keys::KeyChange;
 use crate::db::rollover::RolledChunk;
 use crate::domain::check::{CheckAsk, CheckReply};
+use crate::domain::outcome::CheckOutcome;
 use crate::domain::quota::QuotaState;
 use crate::domain::reservation::Reservation;
 use crate::ingest::WeakBatchWriterHandle;
+use crate::metrics::check_outcome_label;
 use crate::settings::UnknownKeyPolicy;
 
 /// Lock stripes of the id → actor map, so lookups from many threads rarely contend.
@@ -53,12 +56,13 @@ pub struct RegistryShared {
     /// Where granted holds go to be stored; set once the batch writer runs.
     hold_writer: OnceLock<WeakBatchWriterHandle>,
     arbiters: Vec<ArbiterHandle>,
-    /// Origin of `Entry::last_used_secs`.
-    started: Instant,
+    /// Origin of `Entry::last_used_secs`, on `clock`.
+    started: DateTime<Utc>,
 }
 
 /// A running key actor and when a request last went to it. The registry, not the actor, keeps
-/// the time: one timer sweeps every key instead of one timer per actor (memory per key).
+/// the time: one timer sweeps every key instead of one timer per actor (memory per key). Time
+/// is the injected clock's, so tests move it instead of waiting for keys to idle out.
 struct Entry {
     addr: Addr<KeyActor>,
     last_used_secs: u32,
@@ -86,8 +90,10 @@ impl RegistryShared {
         &self.arbiters[index]
     }
 
+    /// Seconds from `started` to the clock's now (0 if the clock was set back before it).
     fn now_secs(&self) -> u32 {
-        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
+        let elapsed = (self.clock.now() - self.started).num_seconds().max(0);
+        u32::try_from(elapsed).unwrap_or(u32::MAX)
     }
 
     /// Removes `id` from the map if it still points at `addr` (a newer actor may have replaced it).
@@ -98,20 +104,21 @@ impl RegistryShared {
         }
     }
 
-    /// The actor of `id` now has live holds: the expiry sweep reaches it.
-    pub(crate) fn note_holding(&self, id: i64, addr: Addr<KeyActor>) {
+    /// The locked map of actors with live holds.
+    fn holding(&self) -> MutexGuard<'_, HashMap<i64, Addr<KeyActor>>> {
         self.holding
             .lock()
             .expect("the holding map is never held across a panic")
-            .insert(id, addr);
+    }
+
+    /// The actor of `id` now has live holds: the expiry sweep reaches it.
+    pub(crate) fn note_holding(&self, id: i64, addr: Addr<KeyActor>) {
+        self.holding().insert(id, addr);
     }
 
     /// The actor of `id` has no live holds any more (or stopped).
     pub(crate) fn forget_holding(&self, id: i64) {
-        self.holding
-            .lock()
-            .expect("the holding map is never held across a panic")
-            .remove(&id);
+        self.holding().remove(&id);
     }
 
     /// Where a granted hold is queued to be stored; `None` before the writer runs (tests, benches).
@@ -121,13 +128,7 @@ impl RegistryShared {
 
     /// Tells every actor with live holds to release the expired ones.
     fn sweep_expired_holds(&self) {
-        let holding: Vec<Addr<KeyActor>> = self
-            .holding
-            .lock()
-            .expect("the holding map is never held across a panic")
-            .values()
-            .cloned()
-            .collect();
+        let holding: Vec<Addr<KeyActor>> = self.holding().values().cloned().collect();
         for addr in holding {
             addr.do_send(ExpireHolds);
         }
@@ -152,17 +153,11 @@ impl RegistryShared {
 
 /// Counts a check's outcome and its latency.
 fn record_check(result: &Result<CheckReply, KeyError>, started: std::time::Instant) {
-    let outcome = match result {
-        Ok(reply) => match (reply.status, reply.known) {
-            (200, true) => "allowed",
-            (200, false) => "unknown_allowed",
-            (429, _) => "denied",
-            (404, _) => "unknown_denied",
-            _ => "other",
-        },
-        Err(_) => "unavailable",
-    };
-    metrics::counter!(crate::metrics::CHECKS_TOTAL, "outcome" => outcome).increment(1);
+    let outcome = result
+        .as_ref()
+        .map_or(CheckOutcome::Unavailable, |reply| reply.outcome);
+    metrics::counter!(crate::metrics::CHECKS_TOTAL, "outcome" => check_outcome_label(outcome))
+        .increment(1);
     metrics::histogram!(crate::metrics::CHECK_DURATION_SECONDS)
         .record(started.elapsed().as_secs_f64());
 }
@@ -201,6 +196,7 @@ impl KeyRegistry {
             arbiters
         };
         let arbiters = (0..count).map(|_| Arbiter::new().handle()).collect();
+        let started = clock.now();
         let shared = Arc::new(RegistryShared {
             loader: KeyLoader::start(db.clone(), clock.clone()),
             db,
@@ -214,14 +210,15 @@ impl KeyRegistry {
             holding: Mutex::new(HashMap::new()),
             hold_writer: OnceLock::new(),
             arbiters,
-            started: Instant::now(),
+            started,
         });
         let sweeper = Arc::downgrade(&shared);
         let idle_sweep_every = (idle_timeout / 2).max(MIN_SWEEP_INTERVAL);
         let tick = idle_sweep_every.min(HOLD_EXPIRY_SWEEP_INTERVAL);
-        // One timer for every key: expired holds each tick, idle actors when their sweep is due.
+        // One timer for every key: expired holds each tick, idle actors when their sweep is due
+        // by the clock (a test's clock that stands still never idles a key out).
         tokio::spawn(async move {
-            let mut last_idle_sweep = Instant::now();
+            let mut last_idle_sweep = started;
             loop {
                 tokio::time::sleep(tick).await;
                 // The registry is gone: nothing left to sweep.
@@ -229,9 +226,15 @@ impl KeyRegistry {
                     return;
                 };
                 shared.sweep_expired_holds();
-                if last_idle_sweep.elapsed() >= idle_sweep_every {
-                    last_idle_sweep = Instant::now();
-                    shared.sweep_idle();
+                let now = shared.clock.now();
+                match (now - last_idle_sweep).to_std() {
+                    Ok(since_last) if since_last >= idle_sweep_every => {
+                        last_idle_sweep = now;
+                        shared.sweep_idle();
+                    }
+                    Ok(_) => {}
+                    // The clock was set back (a test's): the interval runs from there.
+                    Err(_) => last_idle_sweep = now,
                 }
             }
         });
@@ -351,9 +354,10 @@ impl KeyRegistry {
                 Err(_) => self.shared.forget(id, &addr),
             }
         }
-        Err(KeyError::Unavailable(format!(
-            "the actor of key {id} stopped {MAX_SEND_ATTEMPTS} times in a row"
-        )))
+        Err(KeyError::ActorStopped {
+            id,
+            attempts: MAX_SEND_ATTEMPTS,
+        })
     }
 
     /// Answers a check of key `id` from its actor, counting the outcome and its latency.

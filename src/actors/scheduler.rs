@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, DbErr};
 
 use super::registry::KeyRegistry;
 use crate::clock::SharedClock;
@@ -21,15 +21,24 @@ pub struct Scheduler {
     pub event_retention: chrono::Duration,
 }
 
+/// Why a scheduled job failed; it is tried again at its next tick.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("database error while rolling lapsed keys over: {0}")]
+    RollOver(#[source] DbErr),
+    #[error("database error while pruning processed event ids: {0}")]
+    Prune(#[source] DbErr),
+}
+
 /// Roll over every lapsed key now (also sent by the timer).
 #[derive(Clone, Copy, Debug, Message)]
-#[rtype(result = "Result<usize, String>")]
+#[rtype(result = "Result<usize, SchedulerError>")]
 pub struct RollOverLapsedKeys;
 
 /// Delete processed event ids older than the retention period, and stored holds that expired
 /// (the key actors released them in memory; a loading actor skips them meanwhile).
 #[derive(Clone, Copy, Debug, Message)]
-#[rtype(result = "Result<u64, String>")]
+#[rtype(result = "Result<u64, SchedulerError>")]
 pub struct PruneProcessedEvents;
 
 impl Actor for Scheduler {
@@ -45,7 +54,7 @@ impl Actor for Scheduler {
 
 impl Handler<RollOverLapsedKeys> for Scheduler {
     // Atomic: one rollover at a time, however long it takes.
-    type Result = AtomicResponse<Self, Result<usize, String>>;
+    type Result = AtomicResponse<Self, Result<usize, SchedulerError>>;
 
     fn handle(&mut self, _: RollOverLapsedKeys, _: &mut Self::Context) -> Self::Result {
         let db = self.db.clone();
@@ -71,7 +80,7 @@ impl Handler<RollOverLapsedKeys> for Scheduler {
                         tracing::warn!(%error, "rollover failed; retrying at the next tick")
                     }
                 }
-                result.map_err(|error| error.to_string())
+                result.map_err(SchedulerError::RollOver)
             }
             .into_actor(self),
         ))
@@ -79,7 +88,7 @@ impl Handler<RollOverLapsedKeys> for Scheduler {
 }
 
 impl Handler<PruneProcessedEvents> for Scheduler {
-    type Result = AtomicResponse<Self, Result<u64, String>>;
+    type Result = AtomicResponse<Self, Result<u64, SchedulerError>>;
 
     fn handle(&mut self, _: PruneProcessedEvents, _: &mut Self::Context) -> Self::Result {
         let db = self.db.clone();
@@ -96,7 +105,7 @@ impl Handler<PruneProcessedEvents> for Scheduler {
                     Ok(pruned) => tracing::debug!(pruned, "processed event ids pruned"),
                     Err(error) => tracing::warn!(%error, "pruning processed event ids failed"),
                 }
-                result.map_err(|error| error.to_string())
+                result.map_err(SchedulerError::Prune)
             }
             .into_actor(self),
         ))

@@ -1,12 +1,16 @@
 //! Check requests (`{"api_key_id", "tokens"?}`, optionally asking for a hold: `reserve`,
 //! `reservation_id`, `ttl_secs`) and the reply body shared by AMQP and HTTP.
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use super::outcome::CheckOutcome;
 
 use super::quota::{ceiling_detail, denial_detail, format_instant, QuotaState};
 use super::reservation::{optional_reserve, Reservation, ReserveRequest};
-use super::usage::{optional_count, required_key_id, Rejection};
+use super::wire::{optional_count, parse_object, required_key_id, Rejection};
 
 /// A validated check request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,17 +77,27 @@ pub fn decode_check_body(body: &[u8]) -> Result<CheckAsk, Rejection> {
     decode_ask(&parse_object(body)?)
 }
 
-pub(crate) fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Rejection> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(object)) => Ok(object),
-        Ok(_) => Err(Rejection::new("body must be a JSON object")),
-        Err(error) => Err(Rejection::new(format!("body is not valid JSON: {error}"))),
-    }
+/// The answer to a check, over AMQP and HTTP alike; on the wire it is a `CheckReplyBody`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckReply {
+    pub api_key_id: Option<i64>,
+    pub outcome: CheckOutcome,
+    pub token_quota_monthly: Option<i64>,
+    pub tokens_used_this_month: i64,
+    pub remaining: Option<i64>,
+    pub quota_reset_at: Option<String>,
+    pub detail: Option<String>,
+    /// Tokens held by live reservations (0 without holds); counted against the quota like used ones.
+    pub tokens_reserved: i64,
+    /// The hold this check granted (or its earlier grant, for a repeated `reservation_id`).
+    pub reservation: Option<Reservation>,
 }
 
-/// The answer to a check, over AMQP and HTTP alike.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct CheckReply {
+/// A check reply as it travels (SPEC §2.2): `known`, `allowed` and `status` spell out the
+/// outcome. Borrows from a `CheckReply` to send one, owns what it received.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = CheckReply)]
+pub struct CheckReplyBody<'a> {
     pub api_key_id: Option<i64>,
     pub known: bool,
     pub allowed: bool,
@@ -91,17 +105,61 @@ pub struct CheckReply {
     pub token_quota_monthly: Option<i64>,
     pub tokens_used_this_month: i64,
     pub remaining: Option<i64>,
-    pub quota_reset_at: Option<String>,
-    pub detail: Option<String>,
+    pub quota_reset_at: Option<Cow<'a, str>>,
+    pub detail: Option<Cow<'a, str>>,
     /// Tokens held by live reservations (0 without holds); counted against the quota like used ones.
     #[serde(default)]
     pub tokens_reserved: i64,
     /// The hold this check granted (or its earlier grant, for a repeated `reservation_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reservation: Option<Reservation>,
+    pub reservation: Option<Cow<'a, Reservation>>,
+}
+
+impl Serialize for CheckReply {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        CheckReplyBody {
+            api_key_id: self.api_key_id,
+            known: self.outcome.known(),
+            allowed: self.outcome.allowed(),
+            status: self.outcome.wire_status(),
+            token_quota_monthly: self.token_quota_monthly,
+            tokens_used_this_month: self.tokens_used_this_month,
+            remaining: self.remaining,
+            quota_reset_at: self.quota_reset_at.as_deref().map(Cow::Borrowed),
+            detail: self.detail.as_deref().map(Cow::Borrowed),
+            tokens_reserved: self.tokens_reserved,
+            reservation: self.reservation.as_ref().map(Cow::Borrowed),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CheckReply {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let body = CheckReplyBody::deserialize(deserializer)?;
+        let outcome = CheckOutcome::from_wire(body.status, body.known).ok_or_else(|| {
+            serde::de::Error::custom(format!("no check answers with status {}", body.status))
+        })?;
+        Ok(CheckReply {
+            api_key_id: body.api_key_id,
+            outcome,
+            token_quota_monthly: body.token_quota_monthly,
+            tokens_used_this_month: body.tokens_used_this_month,
+            remaining: body.remaining,
+            quota_reset_at: body.quota_reset_at.map(Cow::into_owned),
+            detail: body.detail.map(Cow::into_owned),
+            tokens_reserved: body.tokens_reserved,
+            reservation: body.reservation.map(Cow::into_owned),
+        })
+    }
 }
 
 impl CheckReply {
+    /// Whether the key may make the request.
+    pub fn allowed(&self) -> bool {
+        self.outcome.allowed()
+    }
+
     /// The reply for a known key whose state has already been rolled over to `now`, with
     /// `reserved` tokens held: the decision reads `used` as used + reserved (SPEC §1).
     pub fn for_known_key(
@@ -115,20 +173,21 @@ impl CheckReply {
             ..*state
         };
         let decision = counted.decide(estimate);
-        let (status, detail) = match (decision.allowed, state.quota) {
+        let (outcome, detail) = match (decision.allowed, state.quota) {
             (false, Some(quota)) => (
-                429,
+                CheckOutcome::QuotaReached,
                 Some(denial_detail(counted.used, quota, state.reset_at)),
             ),
             // Unlimited, yet denied: the counter is at its ceiling.
-            (false, None) => (429, Some(ceiling_detail(counted.used, state.reset_at))),
-            _ => (200, None),
+            (false, None) => (
+                CheckOutcome::QuotaReached,
+                Some(ceiling_detail(counted.used, state.reset_at)),
+            ),
+            (true, _) => (CheckOutcome::Allowed, None),
         };
         CheckReply {
             api_key_id: Some(api_key_id),
-            known: true,
-            allowed: decision.allowed,
-            status,
+            outcome,
             token_quota_monthly: state.quota,
             tokens_used_this_month: state.used,
             remaining: decision.remaining,
@@ -142,62 +201,48 @@ impl CheckReply {
     /// The reply that returns a hold already granted (a repeated `reservation_id`): allowed,
     /// whatever the key's state now, since the tokens are already held for this request.
     pub fn with_existing_hold(mut self, reservation: Reservation) -> Self {
-        self.allowed = true;
-        self.status = 200;
+        self.outcome = CheckOutcome::Allowed;
         self.detail = None;
         self.reservation = Some(reservation);
         self
     }
 
-    /// The reply for a key the database does not know, under the configured policy.
-    pub fn for_unknown_key(api_key_id: i64, allow: bool) -> Self {
+    /// A reply that says nothing of the key's state: `outcome` and why.
+    fn without_state(api_key_id: Option<i64>, outcome: CheckOutcome, detail: String) -> Self {
         CheckReply {
-            api_key_id: Some(api_key_id),
-            known: false,
-            allowed: allow,
-            status: if allow { 200 } else { 404 },
+            api_key_id,
+            outcome,
             token_quota_monthly: None,
             tokens_used_this_month: 0,
             remaining: None,
             quota_reset_at: None,
+            detail: Some(detail),
             tokens_reserved: 0,
             reservation: None,
-            detail: Some(format!("unknown API key {api_key_id}")),
         }
+    }
+
+    /// The reply for a key the database does not know, under the configured policy.
+    pub fn for_unknown_key(api_key_id: i64, allow: bool) -> Self {
+        Self::without_state(
+            Some(api_key_id),
+            CheckOutcome::UnknownKey { allowed: allow },
+            format!("unknown API key {api_key_id}"),
+        )
     }
 
     /// The reply when the key's state cannot be read (not resident and the database is down).
     pub fn unavailable(api_key_id: i64, reason: impl std::fmt::Display) -> Self {
-        CheckReply {
-            api_key_id: Some(api_key_id),
-            known: false,
-            allowed: false,
-            status: 503,
-            token_quota_monthly: None,
-            tokens_used_this_month: 0,
-            remaining: None,
-            quota_reset_at: None,
-            tokens_reserved: 0,
-            reservation: None,
-            detail: Some(reason.to_string()),
-        }
+        Self::without_state(
+            Some(api_key_id),
+            CheckOutcome::Unavailable,
+            reason.to_string(),
+        )
     }
 
     /// The reply to a request that could not be understood.
     pub fn malformed(api_key_id: Option<i64>, rejection: &Rejection) -> Self {
-        CheckReply {
-            api_key_id,
-            known: false,
-            allowed: false,
-            status: 400,
-            token_quota_monthly: None,
-            tokens_used_this_month: 0,
-            remaining: None,
-            quota_reset_at: None,
-            tokens_reserved: 0,
-            reservation: None,
-            detail: Some(rejection.to_string()),
-        }
+        Self::without_state(api_key_id, CheckOutcome::Malformed, rejection.to_string())
     }
 }
 
@@ -265,6 +310,69 @@ mod tests {
         assert!(decode_check_request(br#"{"api_key_id": 7, "reserve": 100}"#).is_err());
     }
 
+    fn state(quota: Option<i64>, used: i64) -> QuotaState {
+        QuotaState {
+            quota,
+            used,
+            reset_at: DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
+                .unwrap()
+                .with_timezone(&chrono::Utc),
+        }
+    }
+
+    #[test]
+    fn replies_travel_as_the_spec_writes_them() {
+        let denied = CheckReply::for_known_key(42, &state(Some(1000), 1000), 0, None);
+        assert_eq!(
+            serde_json::to_string(&denied).unwrap(),
+            r#"{"api_key_id":42,"known":true,"allowed":false,"status":429,"token_quota_monthly":1000,"tokens_used_this_month":1000,"remaining":0,"quota_reset_at":"2026-12-01T00:00:00Z","detail":"API key monthly token quota reached (1000/1000). Resets at 2026-12-01T00:00:00Z.","tokens_reserved":0}"#
+        );
+        let unknown = CheckReply::for_unknown_key(7, true);
+        assert_eq!(
+            serde_json::to_string(&unknown).unwrap(),
+            r#"{"api_key_id":7,"known":false,"allowed":true,"status":200,"token_quota_monthly":null,"tokens_used_this_month":0,"remaining":null,"quota_reset_at":null,"detail":"unknown API key 7","tokens_reserved":0}"#
+        );
+        let held = CheckReply::for_known_key(1, &state(None, 5), 0, None).with_existing_hold(
+            Reservation {
+                id: "r".into(),
+                tokens: 9,
+                expires_at: "2026-11-23T10:15:00Z".into(),
+            },
+        );
+        assert_eq!(
+            serde_json::to_string(&held).unwrap(),
+            r#"{"api_key_id":1,"known":true,"allowed":true,"status":200,"token_quota_monthly":null,"tokens_used_this_month":5,"remaining":null,"quota_reset_at":"2026-12-01T00:00:00Z","detail":null,"tokens_reserved":0,"reservation":{"id":"r","tokens":9,"expires_at":"2026-11-23T10:15:00Z"}}"#
+        );
+        let malformed = CheckReply::malformed(None, &Rejection::new("api_key_id is required"));
+        assert_eq!(
+            serde_json::to_string(&malformed).unwrap(),
+            r#"{"api_key_id":null,"known":false,"allowed":false,"status":400,"token_quota_monthly":null,"tokens_used_this_month":0,"remaining":null,"quota_reset_at":null,"detail":"api_key_id is required","tokens_reserved":0}"#
+        );
+    }
+
+    #[test]
+    fn every_reply_reads_back_as_sent() {
+        let replies = [
+            CheckReply::for_known_key(1, &state(Some(10), 3), 2, Some(1)),
+            CheckReply::for_known_key(1, &state(Some(10), 10), 0, None),
+            CheckReply::for_unknown_key(2, true),
+            CheckReply::for_unknown_key(2, false),
+            CheckReply::unavailable(3, "quota state unavailable: database down"),
+            CheckReply::malformed(Some(4), &Rejection::new("tokens must be an integer")),
+        ];
+        for reply in replies {
+            let body = serde_json::to_vec(&reply).unwrap();
+            assert_eq!(serde_json::from_slice::<CheckReply>(&body).unwrap(), reply);
+        }
+    }
+
+    #[test]
+    fn a_reply_with_a_status_no_check_sends_is_refused() {
+        let odd = r#"{"api_key_id":1,"known":true,"allowed":true,"status":302,"token_quota_monthly":null,"tokens_used_this_month":0,"remaining":null,"quota_reset_at":null,"detail":null}"#;
+        let error = serde_json::from_str::<CheckReply>(odd).unwrap_err();
+        assert!(error.to_string().contains("status 302"), "{error}");
+    }
+
     #[test]
     fn holds_count_against_the_quota_and_remaining() {
         let state = QuotaState {
@@ -275,13 +383,13 @@ mod tests {
                 .with_timezone(&chrono::Utc),
         };
         let reply = CheckReply::for_known_key(1, &state, 600, Some(100));
-        assert!(reply.allowed);
+        assert!(reply.allowed());
         assert_eq!(reply.remaining, Some(100));
         assert_eq!(reply.tokens_reserved, 600);
         assert_eq!(reply.tokens_used_this_month, 300);
         let denied = CheckReply::for_known_key(1, &state, 600, Some(101));
-        assert_eq!(denied.status, 429);
+        assert_eq!(denied.outcome, CheckOutcome::QuotaReached);
         assert!(denied.detail.unwrap().contains("(900/1000)"));
-        assert!(!CheckReply::for_known_key(1, &state, 700, None).allowed);
+        assert!(!CheckReply::for_known_key(1, &state, 700, None).allowed());
     }
 }

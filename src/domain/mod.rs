@@ -3,7 +3,9 @@
 pub mod alerts;
 pub mod batch_plan;
 pub mod check;
+pub mod outcome;
 pub mod quota;
 pub mod reservation;
 pub mod usage;
 pub mod window;
+pub mod wire;

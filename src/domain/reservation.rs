@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::quota::format_instant;
-use super::usage::{Rejection, MAX_EVENT_TOKENS};
+use super::wire::{checked_identifier, Rejection, MAX_TOKEN_COUNT};
 
 /// Largest `reserve`: the same bound as a usage event's tokens.
-pub const MAX_RESERVE_TOKENS: i64 = MAX_EVENT_TOKENS;
+pub const MAX_RESERVE_TOKENS: i64 = MAX_TOKEN_COUNT;
 /// Longest `reservation_id`, in characters.
 pub const MAX_RESERVATION_ID_CHARS: usize = 128;
 /// `ttl_secs` when the check gives none.
@@ -110,25 +110,14 @@ pub(crate) fn optional_reserve(
 }
 
 /// `reservation_id`: absent or null → `None`; else a string of 1-128 characters without
-/// control characters (PostgreSQL cannot store NUL).
+/// control characters.
 pub(crate) fn optional_reservation_id(
     object: &Map<String, Value>,
 ) -> Result<Option<String>, Rejection> {
     match object.get("reservation_id") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(id)) => {
-            let chars = id.chars().count();
-            if chars == 0 || chars > MAX_RESERVATION_ID_CHARS {
-                return Err(Rejection::new(format!(
-                    "reservation_id must be 1-{MAX_RESERVATION_ID_CHARS} characters, got {chars}"
-                )));
-            }
-            if id.chars().any(char::is_control) {
-                return Err(Rejection::new(
-                    "reservation_id must not contain control characters",
-                ));
-            }
-            Ok(Some(id.clone()))
+            checked_identifier("reservation_id", id, MAX_RESERVATION_ID_CHARS).map(Some)
         }
         Some(_) => Err(Rejection::new("reservation_id must be a string")),
     }

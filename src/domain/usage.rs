@@ -1,28 +1,22 @@
 //! Usage events (SPEC §2.1): decoding and validation, each rejection with a short reason.
 
 use chrono::{DateTime, Datelike, Utc};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::check::parse_object;
+use super::reservation::optional_reservation_id;
+// Re-exported: the usage decoder's refusal, as its callers (the usage consumer) name it.
+pub use super::wire::Rejection;
+use super::wire::{
+    checked_identifier, optional_count, parse_object, required_key_id, MAX_TOKEN_COUNT,
+};
 
 /// Largest token total one event may carry.
-pub const MAX_EVENT_TOKENS: i64 = 1_000_000_000_000;
+pub const MAX_EVENT_TOKENS: i64 = MAX_TOKEN_COUNT;
 /// Earliest and latest years of an accepted `occurred_at` (in UTC).
 pub const MIN_OCCURRED_YEAR: i32 = 1970;
 pub const MAX_OCCURRED_YEAR: i32 = 9999;
 /// Longest accepted `event_id`, in characters.
 pub const MAX_EVENT_ID_CHARS: usize = 128;
-
-/// Why a message was refused; becomes the `x-quota-error` header or the `detail` of a 400.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Rejection(String);
-
-impl Rejection {
-    pub fn new(reason: impl Into<String>) -> Self {
-        Rejection(reason.into())
-    }
-}
 
 /// A validated usage event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,20 +40,9 @@ pub fn decode_usage_event(
     let object = parse_object(body)?;
     let event_id = match object.get("event_id") {
         None | Some(Value::Null) => return Err(Rejection::new("event_id is required")),
-        Some(Value::String(id)) => id.clone(),
+        Some(Value::String(id)) => checked_identifier("event_id", id, MAX_EVENT_ID_CHARS)?,
         Some(_) => return Err(Rejection::new("event_id must be a string")),
     };
-    let id_chars = event_id.chars().count();
-    if id_chars == 0 || id_chars > MAX_EVENT_ID_CHARS {
-        return Err(Rejection::new(format!(
-            "event_id must be 1-{MAX_EVENT_ID_CHARS} characters, got {id_chars}"
-        )));
-    }
-    if event_id.chars().any(char::is_control) {
-        return Err(Rejection::new(
-            "event_id must not contain control characters",
-        ));
-    }
     let api_key_id = required_key_id(&object)?;
     let total = optional_count(&object, "tokens")?;
     let input = optional_count(&object, "input_tokens")?;
@@ -97,7 +80,7 @@ pub fn decode_usage_event(
         }
         Some(_) => return Err(Rejection::new("occurred_at must be an RFC 3339 string")),
     };
-    let reservation_id = super::reservation::optional_reservation_id(&object)?;
+    let reservation_id = optional_reservation_id(&object)?;
     Ok(UsageEvent {
         event_id,
         api_key_id,
@@ -105,50 +88,6 @@ pub fn decode_usage_event(
         occurred_at,
         reservation_id,
     })
-}
-
-/// `api_key_id`: required integer ≥ 1.
-pub(crate) fn required_key_id(object: &Map<String, Value>) -> Result<i64, Rejection> {
-    match object.get("api_key_id") {
-        None | Some(Value::Null) => Err(Rejection::new("api_key_id is required")),
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(id) if id >= 1 => Ok(id),
-            _ => Err(Rejection::new("api_key_id must be an integer >= 1")),
-        },
-        Some(_) => Err(Rejection::new("api_key_id must be an integer >= 1")),
-    }
-}
-
-/// An optional token count: absent or null → `None`; else an integer in `0..=10^12`.
-pub(crate) fn optional_count(
-    object: &Map<String, Value>,
-    field: &str,
-) -> Result<Option<i64>, Rejection> {
-    match object.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
-            if let Some(value) = n.as_i64() {
-                if value < 0 {
-                    Err(Rejection::new(format!("{field} must be >= 0, got {value}")))
-                } else if value > MAX_EVENT_TOKENS {
-                    Err(Rejection::new(format!(
-                        "{field} is above the limit of 10^12"
-                    )))
-                } else {
-                    Ok(Some(value))
-                }
-            } else if n.is_u64() {
-                Err(Rejection::new(format!(
-                    "{field} is above the limit of 10^12"
-                )))
-            } else {
-                Err(Rejection::new(format!(
-                    "{field} must be an integer, got {n}"
-                )))
-            }
-        }
-        Some(_) => Err(Rejection::new(format!("{field} must be an integer"))),
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::body::read_body;
 use super::errors::ApiError;
 use super::AppState;
 use crate::domain::check::{decode_check_body, CheckReply};
+use crate::domain::outcome::CheckOutcome;
 
 pub async fn check_key(
     _admin: Admin,
@@ -23,8 +24,18 @@ pub async fn check_key(
         Ok(ask) => state.owners.check(id, ask).await?,
         Err(rejection) => CheckReply::malformed(Some(id), &rejection),
     };
-    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
-    Ok(HttpResponse::build(status).json(reply))
+    Ok(HttpResponse::build(http_status(reply.outcome)).json(reply))
+}
+
+/// The HTTP status of a check's answer: the reply's `status` (SPEC §2.2), as a status line.
+fn http_status(outcome: CheckOutcome) -> StatusCode {
+    match outcome {
+        CheckOutcome::Allowed | CheckOutcome::UnknownKey { allowed: true } => StatusCode::OK,
+        CheckOutcome::QuotaReached => StatusCode::TOO_MANY_REQUESTS,
+        CheckOutcome::UnknownKey { allowed: false } => StatusCode::NOT_FOUND,
+        CheckOutcome::Malformed => StatusCode::BAD_REQUEST,
+        CheckOutcome::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
 }
 
 pub async fn key_reservations(
@@ -36,5 +47,21 @@ pub async fn key_reservations(
     match state.owners.reservations(id).await? {
         Some(reservations) => Ok(HttpResponse::Ok().json(reservations)),
         None => Err(ApiError::NotFound(format!("no API key {id}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http_status_is_the_replys_status() {
+        for outcome in CheckOutcome::ALL {
+            assert_eq!(
+                http_status(outcome).as_u16(),
+                outcome.wire_status(),
+                "{outcome:?}"
+            );
+        }
     }
 }

@@ -43,7 +43,12 @@ impl From<OwnerError> for ApiError {
 
 impl From<KeyError> for ApiError {
     fn from(error: KeyError) -> Self {
-        ApiError::Unavailable(error.to_string())
+        // Each says why the key's state is out of reach; the client may retry every one.
+        match error {
+            KeyError::Load(_) | KeyError::Database(_) | KeyError::ActorStopped { .. } => {
+                ApiError::Unavailable(error.to_string())
+            }
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use super::admin::KeyView;
-use crate::domain::check::CheckReply;
+use crate::domain::check::{CheckReply, CheckReplyBody};
 use crate::domain::reservation::Reservation;
 
 /// The name of the HTTP Basic scheme of the admin routes in the document (the stubs' `security`
@@ -318,6 +318,23 @@ fn key_usage() {}
         (status = 503, description = "Admin disabled or the owner unavailable", body = ErrorBody)))]
 #[allow(dead_code)]
 fn key_reservations() {}
+
+/// A check reply is documented as it travels.
+impl PartialSchema for CheckReply {
+    fn schema() -> RefOr<Schema> {
+        CheckReplyBody::schema()
+    }
+}
+
+impl ToSchema for CheckReply {
+    fn name() -> std::borrow::Cow<'static, str> {
+        CheckReplyBody::name()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        CheckReplyBody::schemas(schemas);
+    }
+}
 
 /// A 400 of the check route: a bad path id gives `{"detail"}`, a malformed body a check reply.
 /// Described by hand as `anyOf` (a derived untagged enum would be `oneOf`, and a check reply

@@ -176,11 +176,16 @@ async fn a_late_event_across_the_year_boundary_lands_in_december() {
     let reply = client.check(4, None).await;
     assert_eq!(reply["tokens_used_this_month"], 7);
     assert_eq!(reply["quota_reset_at"], "2027-02-01T00:00:00Z");
-    // The same late event again changes nothing.
+    // The same late event again changes nothing: once it is acknowledged (after its batch
+    // committed; the publish was confirmed, so it is queued until then), it was a duplicate.
     client
         .publish_usage(4, &json!({"event_id": "late-dec", "api_key_id": 4, "tokens": 10, "occurred_at": "2026-12-31T23:59:58Z"}))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let vhost = &app.vhost.as_ref().expect("a broker test").name;
+    eventually(WAIT, "the repeated late event acknowledged", || async {
+        (crate::common::queued_messages(vhost) == 0).then_some(())
+    })
+    .await;
     assert_eq!(history_of(&app, 4).await.first().map(|row| row.2), Some(60));
 
     let usage: Value = app.admin_get_json("/keys/4/usage").await;

@@ -52,8 +52,8 @@ async fn a_fresh_service_exports_every_family_and_known_label_at_zero() {
 }
 
 /// Every literal label value the code records (`"outcome" => "zero"`), in any file of `src/`, is
-/// among the registered ones. (`KeyRegistry::check` picks its outcome in a `match`; those values
-/// are listed in `CHECK_OUTCOMES` by hand.)
+/// among the registered ones. (A check's outcome label is picked in `check_outcome_label`, whose
+/// unit test checks its values against `CHECK_OUTCOMES`.)
 #[test]
 fn label_values_recorded_in_the_code_are_registered() {
     let registered: Vec<&str> = quota_keeper::metrics::CHECK_OUTCOMES

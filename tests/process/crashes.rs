@@ -54,7 +54,7 @@ async fn sigkill_in_the_middle_of_ingestion_loses_and_doubles_nothing() {
     let scenario = Scenario::new(&[]).await;
     let mut service = scenario.start_with_keys(&KEYS, None).await;
     let publisher = scenario.spawn_publisher("kill".into(), &KEYS, 3000);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    scenario.wait_for_events_flowing(&KEYS).await;
     service.kill();
     let service = scenario.start();
     service.wait_ready().await;
@@ -70,6 +70,7 @@ async fn five_sigkills_at_random_moments_then_exact_totals() {
     let mut expected = std::collections::BTreeMap::new();
     for round in 0..5 {
         let publisher = scenario.spawn_publisher(format!("round{round}"), &KEYS, 800);
+        // A random moment of the stream (or before it): the moment is what the test varies.
         let delay = rand::rng().random_range(50..700);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         service.kill();

@@ -138,6 +138,20 @@ impl Scenario {
     pub fn queued_messages(&self) -> u64 {
         crate::common::queued_messages(&self.vhost.name)
     }
+
+    /// Waits until some of `keys`' events are committed: the stream a publisher started is
+    /// flowing through the service, so what a test does next meets it mid-way.
+    pub async fn wait_for_events_flowing(&self, keys: &[i64]) {
+        eventually(
+            Duration::from_secs(20),
+            "the first events committed",
+            || async {
+                let stored = self.stored_totals(keys).await;
+                stored.values().any(|&total| total > 0).then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 fn free_port() -> u16 {
@@ -327,6 +341,9 @@ pub fn add_totals(total: &mut BTreeMap<i64, i64>, more: &BTreeMap<i64, i64>) {
 }
 
 /// Waits until every published event is committed and acknowledged, then checks the totals stay exact.
+/// How long `assert_totals_become` watches the totals stay put: several flush intervals.
+const NOTHING_MORE_ARRIVES_WITHIN: Duration = Duration::from_millis(500);
+
 pub async fn assert_totals_become(scenario: &Scenario, expected: &BTreeMap<i64, i64>) {
     let keys: Vec<i64> = expected.keys().copied().collect();
     eventually(
@@ -338,7 +355,9 @@ pub async fn assert_totals_become(scenario: &Scenario, expected: &BTreeMap<i64, 
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing is queued, so nothing more should commit; only waiting can show that nothing does
+    // (a second commit of an event would be a bug with no signal of its own).
+    tokio::time::sleep(NOTHING_MORE_ARRIVES_WITHIN).await;
     assert_eq!(
         scenario.stored_totals(&keys).await,
         *expected,

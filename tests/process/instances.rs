@@ -187,7 +187,7 @@ async fn an_owner_killed_or_hung_while_events_flow_is_replaced_and_nothing_is_lo
 
     // SIGKILL of "a" while events flow: "b" answers every key within a second.
     let publisher = scenario.spawn_publisher("kill".into(), &KEYS, 3000);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    scenario.wait_for_events_flowing(&KEYS).await;
     a.kill();
     let mut slowest = Duration::ZERO;
     for &key in &KEYS {
@@ -210,7 +210,7 @@ async fn an_owner_killed_or_hung_while_events_flow_is_replaced_and_nothing_is_lo
     a.wait_ready().await;
     wait_for_balance(&[&a, &b], 4, &[2, 2], Duration::from_secs(10)).await;
     let publisher = scenario.spawn_publisher("stop".into(), &KEYS, 3000);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    scenario.wait_for_events_flowing(&KEYS).await;
     b.signal("STOP");
     let hung_at = Instant::now();
     let mut slowest = Duration::ZERO;

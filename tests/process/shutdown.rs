@@ -45,6 +45,7 @@ async fn sigterms_under_load_acknowledge_every_committed_event() {
             .iter()
             .map(|prefix| scenario.spawn_publisher(prefix.clone(), &KEYS, EVENTS_PER_PUBLISHER))
             .collect();
+        // A random moment of the stream: the moment is what the test varies.
         let delay = rand::rng().random_range(100..800);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         let (status, took) = service.terminate();

@@ -17,6 +17,7 @@ use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
 use crate::clock::SharedClock;
 use crate::domain::check::{decode_check_request, CheckReply};
+use crate::domain::outcome::CheckOutcome;
 use crate::domain::reservation::ReservationsReply;
 use crate::domain::usage::{decode_usage_event, Rejection, UsageEvent};
 use crate::ingest::{BatchWriterHandle, ConsumedEvent};
@@ -135,7 +136,8 @@ async fn answer_check(delivery: Delivery, context: &DeliveryContext) {
             Err(error) => CheckReply::unavailable(request.api_key_id, error),
         },
         Err(rejection) => {
-            metrics::counter!(names::CHECKS_TOTAL, "outcome" => "malformed").increment(1);
+            let outcome = names::check_outcome_label(CheckOutcome::Malformed);
+            metrics::counter!(names::CHECKS_TOTAL, "outcome" => outcome).increment(1);
             CheckReply::malformed(None, &rejection)
         }
     };

@@ -436,7 +436,7 @@ async fn add_to_counters(
 ) -> Result<Vec<CommittedCounter>, DbErr> {
     let rows = if txn.get_database_backend() == DbBackend::Postgres {
         // A join against two array parameters: linear, where the portable `CASE` compares every
-        // row with every key (half the time for 1,000 keys, measured alone).
+        // row with every key (BENCHMARKS.md, "What moved it").
         let (keys, deltas): (Vec<i64>, Vec<i64>) = increments.iter().copied().unzip();
         txn.query_all_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,

@@ -13,14 +13,12 @@ use crate::common::broker::BrokerClient;
 use crate::common::{eventually, queue_depths, TestVhost};
 
 const QUEUE: &str = "acks.test";
-/// Long enough for a wrongly sent ack to reach the broker and show in its counts.
-const SETTLE_TIME: Duration = Duration::from_millis(300);
 
 /// A consuming channel and the three deliveries it received; the channel must stay open (a
 /// dropped channel closes and hands its unacknowledged deliveries back).
 struct Received {
     connection: Connection,
-    _channel: Channel,
+    channel: Channel,
     _consumer: Consumer,
     deliveries: Vec<Delivery>,
 }
@@ -61,10 +59,23 @@ async fn three_deliveries(vhost: &TestVhost) -> Received {
     }
     Received {
         connection,
-        _channel: channel,
+        channel,
         _consumer: consumer,
         deliveries,
     }
+}
+
+/// Returns once the broker has handled every frame sent on `channel` so far: a channel's frames
+/// are handled in order, and a passive declare asks the queue itself, after any ack sent before.
+async fn broker_took_what_was_sent(channel: &Channel) {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(QUEUE.into(), passive, FieldTable::default())
+        .await
+        .expect("the test queue exists");
 }
 
 async fn unacked_becomes(vhost: &TestVhost, expected: u64) {
@@ -93,7 +104,7 @@ async fn settlements_go_out_in_delivery_order_and_abandoned_ones_do_not_block() 
     // The third is settled first: it waits for the two before it.
     third.settle(Settlement::Ack);
     sequencer.sent().await;
-    tokio::time::sleep(SETTLE_TIME).await;
+    broker_took_what_was_sent(&received.channel).await;
     assert_eq!(queue_depths(&vhost.name, QUEUE), (0, 3));
 
     first.settle(Settlement::Ack);

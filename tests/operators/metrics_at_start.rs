@@ -78,8 +78,9 @@ fn label_values_recorded_in_the_code_are_registered() {
             }
         }
     }
+    // The batch writer's three usage outcomes and the consumer's "zero", at least.
     assert!(
-        found >= 5,
+        found >= 4,
         "found only {found} labelled metrics in the sources"
     );
 }

@@ -1,5 +1,6 @@
 //! Ingestion benchmark: events queued → committed, against (a) a bare lapin consumer draining the same
-//! persistent messages and (b) a naive consumer with one read-modify-write transaction per event.
+//! persistent messages, (b) a naive consumer with one read-modify-write transaction per event and
+//! (c) a bare consumer in its own process that parses each body and acknowledges in batches.
 //!
 //! Run: `cargo bench --bench ingest` (PostgreSQL and RabbitMQ as in the README).
 
@@ -32,8 +33,24 @@ const EVENTS: usize = 100_000;
 const NAIVE_EVENTS: usize = 5_000;
 /// Publisher confirms awaited per chunk.
 const PUBLISH_CHUNK: usize = 2_000;
+/// The argument that makes this binary run only the bare consumer (c) and print its rate.
+const BARE_CONSUMER_ARG: &str = "--bare-consumer";
+/// Prefetch of the bare consumer (c).
+const BARE_CONSUMER_PREFETCH: u16 = 2_000;
+/// The bare consumer (c) acknowledges every this many deliveries at once (`multiple`).
+const BARE_CONSUMER_ACK_EVERY: usize = 200;
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|arg| arg == BARE_CONSUMER_ARG) {
+        let (url, queue) = (&args[at + 1], &args[at + 2]);
+        // The runtime `#[tokio::main]` gives a plain consumer.
+        let rate = tokio::runtime::Runtime::new()
+            .expect("a runtime")
+            .block_on(bare_consumer(url, queue));
+        println!("{rate}");
+        return;
+    }
     actix_web::rt::System::new().block_on(run());
 }
 
@@ -134,6 +151,78 @@ async fn bare_drain(url: &str, keys: usize) -> f64 {
     rate
 }
 
+/// The fields of a usage event, as a consumer that reads them would decode them.
+#[derive(serde::Deserialize)]
+#[allow(dead_code)] // Decoded to pay for the parse; nothing reads them.
+struct BareEvent {
+    event_id: String,
+    api_key_id: i64,
+    tokens: i64,
+    occurred_at: Option<chrono::DateTime<chrono::Utc>>,
+    reservation_id: Option<String>,
+}
+
+/// (c) The broker's pace as a user would measure it, in this binary's child process (so it shares
+/// no runtime or allocator with the parent): `EVENTS` messages already queued in `queue`, each body
+/// parsed, every `BARE_CONSUMER_ACK_EVERY`th delivery (and the last) acknowledged with `multiple`.
+/// Timed from connecting to the last ack, as the service is from its start to its last commit.
+async fn bare_consumer(url: &str, queue: &str) -> f64 {
+    let started = Instant::now();
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_qos(BARE_CONSUMER_PREFETCH, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bare".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    for received in 1..=EVENTS {
+        let delivery = consumer.next().await.expect("open").expect("delivery");
+        let event: BareEvent = serde_json::from_slice(&delivery.data).expect("a usage event");
+        std::hint::black_box(event);
+        if received % BARE_CONSUMER_ACK_EVERY == 0 || received == EVENTS {
+            delivery
+                .acker
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
+        }
+    }
+    let rate = EVENTS as f64 / started.elapsed().as_secs_f64();
+    let _ = connection.close(200, "done".into()).await;
+    rate
+}
+
+/// Queues `EVENTS` events in a plain durable queue, then runs [`bare_consumer`] on them in a child
+/// process (this binary, re-executed) and returns the rate it prints.
+async fn bare_consumer_in_own_process(url: &str, keys: usize) -> f64 {
+    const QUEUE: &str = "bench.bare-consumer";
+    publish_to_queue(url, QUEUE, EVENTS, keys).await;
+    let output = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
+        .args([BARE_CONSUMER_ARG, url, QUEUE])
+        .output()
+        .await
+        .expect("the bare consumer runs");
+    assert!(
+        output.status.success(),
+        "bare consumer failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("the bare consumer prints its rate")
+}
+
 /// (b) One transaction per event: look the event up, read the key, write the new total, commit, ack.
 async fn naive_consumer(url: &str, db: &DatabaseConnection, keys: usize) -> f64 {
     publish_to_queue(url, "bench.naive", NAIVE_EVENTS, keys).await;
@@ -223,7 +312,7 @@ async fn total_used(db: &DatabaseConnection) -> i64 {
 }
 
 /// The service: events already queued when it starts; timed until all are committed.
-async fn service_run(keys: usize) -> (f64, f64, f64) {
+async fn service_run(keys: usize) -> Rates {
     let (_database, vhost, settings) = bench_environment().await;
     let db = quota_keeper::db::connect_and_migrate(&settings.database)
         .await
@@ -257,17 +346,31 @@ async fn service_run(keys: usize) -> (f64, f64, f64) {
     }
     let service = EVENTS as f64 / started.elapsed().as_secs_f64();
 
+    let consumer = bare_consumer_in_own_process(&vhost.url(), keys).await;
     let bare = bare_drain(&vhost.url(), keys).await;
     let naive = naive_consumer(&vhost.url(), &db, keys).await;
-    (service, bare, naive)
+    Rates {
+        service,
+        consumer,
+        bare,
+        naive,
+    }
+}
+
+/// Events per second of the service and of each baseline, measured in one run.
+struct Rates {
+    service: f64,
+    consumer: f64,
+    bare: f64,
+    naive: f64,
 }
 
 async fn run() {
     println!(
         "## Ingestion: {EVENTS} persistent events queued → committed (naive: {NAIVE_EVENTS})\n"
     );
-    println!("| distinct keys | quota-keeper events/s | bare drain events/s | naive events/s | vs bare | vs naive |");
-    println!("|---|---|---|---|---|---|");
+    println!("| distinct keys | quota-keeper events/s | bare consumer events/s | bare drain events/s | naive events/s | vs bare consumer | vs bare | vs naive |");
+    println!("|---|---|---|---|---|---|---|---|");
     // `cargo bench --bench ingest -- 100000` runs only the given key counts.
     let requested: Vec<usize> = std::env::args()
         .skip(1)
@@ -279,9 +382,15 @@ async fn run() {
         requested
     };
     for keys in key_counts {
-        let (service, bare, naive) = service_run(keys).await;
+        let Rates {
+            service,
+            consumer,
+            bare,
+            naive,
+        } = service_run(keys).await;
         println!(
-            "| {keys} | {service:.0} | {bare:.0} | {naive:.0} | {:.2}x | {:.1}x |",
+            "| {keys} | {service:.0} | {consumer:.0} | {bare:.0} | {naive:.0} | {:.2}x | {:.2}x | {:.1}x |",
+            service / consumer,
             service / bare,
             service / naive
         );

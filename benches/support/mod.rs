@@ -155,13 +155,33 @@ pub async fn bench_environment() -> (TestDatabase, TestVhost, Settings) {
     settings.http.bind = "127.0.0.1:0".into();
     settings.log.level = "warn".into();
     // `QUOTA_BENCH_ARBITERS=N`: run the key actors (and as many broker connections) on N arbiters.
-    if let Some(arbiters) = std::env::var("QUOTA_BENCH_ARBITERS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-    {
+    if let Some(arbiters) = bench_override("QUOTA_BENCH_ARBITERS") {
         settings.actors.arbiters = arbiters;
     }
+    // Ingestion settings to compare against the defaults in one sitting, without a rebuild.
+    if let Some(prefetch) = bench_override("QUOTA_BENCH_PREFETCH") {
+        settings.amqp.prefetch = prefetch;
+    }
+    if let Some(shards) = bench_override("QUOTA_BENCH_SHARDS") {
+        settings.amqp.shards = shards;
+    }
+    if let Some(batch_size) = bench_override("QUOTA_BENCH_BATCH_SIZE") {
+        settings.ingest.batch_size = batch_size;
+    }
+    if let Some(writers) = bench_override("QUOTA_BENCH_WRITERS") {
+        settings.ingest.writers = writers;
+    }
+    if let Some(flush_interval_ms) = bench_override("QUOTA_BENCH_FLUSH_MS") {
+        settings.ingest.flush_interval_ms = flush_interval_ms;
+    }
     (database, vhost, settings)
+}
+
+/// The value of environment variable `name`, if set and valid.
+fn bench_override<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
 }
 
 pub async fn start_app(customize: impl FnOnce(&mut Settings)) -> BenchApp {

@@ -10,11 +10,20 @@
 //! Checks, refused and empty events are acknowledged directly: they are never held back behind
 //! usage waiting for the database, though they still share the channel's prefetch window with it.
 //!
+//! A run of usage acks that follows on from everything already settled on the channel goes out as
+//! one `multiple` ack naming its last tag: one frame (and one lapin task) instead of one per event,
+//! and one step for the broker. A multiple ack also settles every earlier unacknowledged delivery,
+//! so the sequencer keeps a frontier, the highest tag up to which every delivery is known settled:
+//! by itself, or by the consumer (which reports each delivery it settles directly once that ack or
+//! nack is handed to lapin, see [`DirectSettlement`]). Acks beyond the frontier go out one by one.
+//! A delivery abandoned (or dropped unsettled) stays unacknowledged, so the frontier stops there for
+//! the channel's life and every later ack goes out one by one.
+//!
 //! lapin hands each ack to the runtime that opened the connection as a task of its own; that is
 //! the current-thread runtime of a key-actor arbiter, where they run in the order spawned, which
 //! is the order `send_in_order` gives them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future::BoxFuture;
 use lapin::options::BasicAckOptions;
@@ -36,6 +45,9 @@ pub enum Settlement {
 enum Command {
     Register(u64, Acker),
     Settle(u64, Settlement),
+    /// A delivery the consumer settled itself (`true`: its ack or nack is handed to lapin) or
+    /// left unsettled (`false`).
+    Direct(u64, bool),
     /// Answered once everything settled before it that could go out has been sent.
     Sent(oneshot::Sender<()>),
 }
@@ -112,6 +124,30 @@ impl Drop for PendingAck {
     }
 }
 
+/// A delivery of the channel that the consumer settles itself (a check, a refused or empty
+/// event): call [`DirectSettlement::settled`] once its ack or nack has been handed to lapin.
+/// Dropping it unsettled tells the sequencer the delivery may stay unacknowledged.
+pub struct DirectSettlement {
+    sequencer: AckSequencer,
+    tag: u64,
+    settled: bool,
+}
+
+impl DirectSettlement {
+    pub fn settled(mut self) {
+        self.settled = true;
+        self.sequencer.send(Command::Direct(self.tag, true));
+    }
+}
+
+impl Drop for DirectSettlement {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.sequencer.send(Command::Direct(self.tag, false));
+        }
+    }
+}
+
 impl AckSequencer {
     /// Starts the sequencer task of one channel; it ends when every handle is gone.
     pub fn start() -> AckSequencer {
@@ -128,6 +164,15 @@ impl AckSequencer {
             tag: delivery_tag,
             settled: false,
             dead_letter: None,
+        }
+    }
+
+    /// A delivery the consumer settles itself; see [`DirectSettlement`].
+    pub fn direct(&self, delivery_tag: u64) -> DirectSettlement {
+        DirectSettlement {
+            sequencer: self.clone(),
+            tag: delivery_tag,
+            settled: false,
         }
     }
 
@@ -148,6 +193,7 @@ impl AckSequencer {
 
 async fn run(mut commands: mpsc::UnboundedReceiver<Command>) {
     let mut order = SettlementOrder::default();
+    let mut frontier = Frontier::default();
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = commands.recv().await {
         // Take everything queued, then send once: one pass per burst, not per settlement.
@@ -156,19 +202,21 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>) {
             match command {
                 Command::Register(tag, acker) => order.register(tag, acker),
                 Command::Settle(tag, settlement) => order.settle(tag, settlement),
+                Command::Direct(tag, true) => frontier.settled_elsewhere(tag),
+                Command::Direct(_, false) => frontier.stop(),
                 Command::Sent(done) => waiting.push(done),
             }
             next = commands.try_recv().ok();
         }
-        send_in_order(order.take_ready()).await;
+        send_in_order(frontier.frames(order.take_ready())).await;
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
     }
 }
 
-/// The sequencer's bookkeeping, apart from the broker: which registered deliveries may be
-/// settled now, oldest first. `A` is what settles one delivery (a lapin `Acker`).
+/// Which registered usage deliveries may be settled now, oldest first. `A` is what settles one
+/// delivery (a lapin `Acker`).
 struct SettlementOrder<A> {
     /// Registered deliveries by tag, with their settlement once known.
     outstanding: BTreeMap<u64, (A, Option<Settlement>)>,
@@ -197,42 +245,204 @@ impl<A> SettlementOrder<A> {
     }
 
     /// The settled deliveries with no unsettled one before them, in tag order; they leave.
-    fn take_ready(&mut self) -> Vec<(A, Settlement)> {
+    fn take_ready(&mut self) -> Vec<(u64, A, Settlement)> {
         let mut ready = Vec::new();
         while let Some(entry) = self.outstanding.first_entry() {
             let Some(settlement) = entry.get().1 else {
                 break;
             };
-            let (acker, _) = entry.remove();
-            ready.push((acker, settlement));
+            let (tag, (acker, _)) = entry.remove_entry();
+            ready.push((tag, acker, settlement));
         }
         ready
     }
 }
 
+/// Settled deliveries above the frontier at most; past this the sequencer stops using multiple
+/// acks on the channel rather than keep growing (a direct delivery never reported, for instance).
+const MAX_SETTLED_BEYOND_FRONTIER: usize = 65_536;
+
+/// Which of a channel's deliveries are known settled, to tell when a `multiple` ack is safe.
+#[derive(Debug, Default)]
+struct Frontier {
+    /// Every delivery tag up to this one is settled (delivery tags count from 1 on a channel).
+    through: u64,
+    /// Settled tags above `through`, waiting for the gaps below them to close.
+    beyond: BTreeSet<u64>,
+    /// A delivery may stay unacknowledged: no more multiple acks on this channel.
+    stopped: bool,
+}
+
+/// One frame to send for a usage delivery.
+#[derive(Debug)]
+enum Frame<A> {
+    /// Acknowledges this delivery alone.
+    Ack(A),
+    /// Acknowledges this delivery and every earlier one still unacknowledged.
+    AckThrough(A),
+}
+
+impl Frontier {
+    fn settled_elsewhere(&mut self, tag: u64) {
+        if !self.stopped {
+            self.beyond.insert(tag);
+            self.advance();
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stopped = true;
+        self.beyond = BTreeSet::new();
+    }
+
+    fn advance(&mut self) {
+        while self.beyond.remove(&(self.through + 1)) {
+            self.through += 1;
+        }
+        if self.beyond.len() > MAX_SETTLED_BEYOND_FRONTIER {
+            self.stop();
+        }
+    }
+
+    /// The frames that settle `ready` (in tag order): a run that continues the frontier as one
+    /// multiple ack, every other ack alone, nothing for an abandoned delivery.
+    fn frames<A>(&mut self, ready: Vec<(u64, A, Settlement)>) -> Vec<Frame<A>> {
+        let mut frames = Vec::new();
+        let mut run_end: Option<A> = None;
+        for (tag, acker, settlement) in ready {
+            match settlement {
+                Settlement::Abandon => self.stop(),
+                Settlement::Ack if !self.stopped && tag == self.through + 1 => {
+                    self.through = tag;
+                    self.advance();
+                    run_end = Some(acker);
+                }
+                Settlement::Ack => {
+                    frames.extend(run_end.take().map(Frame::AckThrough));
+                    frames.push(Frame::Ack(acker));
+                    if !self.stopped {
+                        self.beyond.insert(tag);
+                        self.advance();
+                    }
+                }
+            }
+        }
+        frames.extend(run_end.map(Frame::AckThrough));
+        frames
+    }
+}
+
 /// Sends the frames in the given order: each future hands its frame to lapin on first poll,
 /// and `join_all` polls them first to last.
-async fn send_in_order(ready: Vec<(Acker, Settlement)>) {
-    let frames = ready.iter().map(|(acker, settlement)| async move {
-        let result = match settlement {
-            Settlement::Ack => acker.ack(BasicAckOptions::default()).await,
-            Settlement::Abandon => Ok(true),
+async fn send_in_order(frames: Vec<Frame<Acker>>) {
+    let sends = frames.iter().map(|frame| async move {
+        let (acker, multiple) = match frame {
+            Frame::Ack(acker) => (acker, false),
+            Frame::AckThrough(acker) => (acker, true),
         };
-        if let Err(error) = result {
-            // The channel is gone: the broker hands the delivery out again, and a committed
-            // event comes back as a duplicate.
-            tracing::debug!(%error, ?settlement, "settling a usage delivery failed");
+        if let Err(error) = acker.ack(BasicAckOptions { multiple }).await {
+            // The channel is gone: the broker hands the deliveries out again, and committed
+            // events come back as duplicates.
+            tracing::debug!(%error, multiple, "acknowledging usage deliveries failed");
         }
     });
-    futures::future::join_all(frames).await;
+    futures::future::join_all(sends).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn acks(tags: &[u64]) -> Vec<(u64, u64, Settlement)> {
+        tags.iter()
+            .map(|&tag| (tag, tag, Settlement::Ack))
+            .collect()
+    }
+
+    /// The frames as (tag, multiple).
+    fn sent(frames: Vec<Frame<u64>>) -> Vec<(u64, bool)> {
+        frames
+            .into_iter()
+            .map(|frame| match frame {
+                Frame::Ack(tag) => (tag, false),
+                Frame::AckThrough(tag) => (tag, true),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_from_the_first_delivery_goes_out_as_one_multiple_ack() {
+        let mut frontier = Frontier::default();
+        assert_eq!(sent(frontier.frames(acks(&[1, 2, 3]))), [(3, true)]);
+        assert_eq!(sent(frontier.frames(acks(&[4, 5]))), [(5, true)]);
+    }
+
+    #[test]
+    fn a_delivery_settled_elsewhere_is_never_covered_before_it_is_reported() {
+        let mut frontier = Frontier::default();
+        // 3 is a check still being answered: 4 and 5 go out alone.
+        assert_eq!(
+            sent(frontier.frames(acks(&[1, 2, 4, 5]))),
+            [(2, true), (4, false), (5, false)]
+        );
+        assert_eq!(sent(frontier.frames(acks(&[6]))), [(6, false)]);
+        // Once its ack is handed to lapin, the frontier closes the gap and runs on.
+        frontier.settled_elsewhere(3);
+        assert_eq!(sent(frontier.frames(acks(&[7, 8]))), [(8, true)]);
+    }
+
+    #[test]
+    fn a_gap_reported_before_the_run_joins_it() {
+        let mut frontier = Frontier::default();
+        frontier.settled_elsewhere(2);
+        assert_eq!(sent(frontier.frames(acks(&[1, 3]))), [(3, true)]);
+    }
+
+    #[test]
+    fn after_an_abandoned_delivery_every_ack_goes_out_alone() {
+        let mut frontier = Frontier::default();
+        let ready = vec![
+            (1, 1, Settlement::Ack),
+            (2, 2, Settlement::Abandon),
+            (3, 3, Settlement::Ack),
+        ];
+        assert_eq!(sent(frontier.frames(ready)), [(1, true), (3, false)]);
+        frontier.settled_elsewhere(2);
+        assert_eq!(
+            sent(frontier.frames(acks(&[4, 5]))),
+            [(4, false), (5, false)]
+        );
+    }
+
+    #[test]
+    fn a_direct_delivery_left_unsettled_stops_multiple_acks() {
+        let mut frontier = Frontier::default();
+        frontier.stop();
+        assert_eq!(
+            sent(frontier.frames(acks(&[1, 2]))),
+            [(1, false), (2, false)]
+        );
+    }
+
+    #[test]
+    fn a_gap_that_never_closes_stops_tracking_at_the_bound() {
+        let mut frontier = Frontier::default();
+        let beyond: Vec<u64> = (2..=MAX_SETTLED_BEYOND_FRONTIER as u64 + 2).collect();
+        frontier.frames(acks(&beyond));
+        assert!(frontier.stopped);
+        assert!(frontier.beyond.is_empty());
+    }
+
+    /// The ready deliveries as (tag, settlement).
     fn ready_tags(order: &mut SettlementOrder<u64>) -> Vec<(u64, Settlement)> {
-        order.take_ready()
+        order
+            .take_ready()
+            .into_iter()
+            .map(|(tag, acker, settlement)| {
+                assert_eq!(tag, acker, "each tag keeps its own acker");
+                (tag, settlement)
+            })
+            .collect()
     }
 
     #[test]

@@ -8,7 +8,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel};
 
-use super::acks::{AckSequencer, DeadLetterStore, PendingAck};
+use super::acks::{AckSequencer, DeadLetterStore, DirectSettlement, PendingAck};
 use super::control::{self, InternalRequest};
 use super::replies::{validate_reply_to, ReplyChannel};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
@@ -40,7 +40,8 @@ pub struct DeliveryContext {
 /// Routes a delivery by the exchange the client published to. Called in delivery order: a valid
 /// usage event with tokens is registered with its channel's `acks` sequencer before the returned
 /// future runs. Everything else (checks, refused or empty events) is settled directly, so a
-/// message whose dead letter cannot be stored never holds back the acks behind it.
+/// message whose dead letter cannot be stored never holds back the acks behind it; the sequencer
+/// learns once that ack or nack is handed to lapin, so its multiple acks never cover one unsettled.
 pub fn handle_delivery(
     delivery: Delivery,
     context: Arc<DeliveryContext>,
@@ -66,6 +67,9 @@ pub fn handle_delivery(
         }
         _ => None,
     };
+    let direct: Option<DirectSettlement> = counted
+        .is_none()
+        .then(|| acks.direct(delivery.delivery_tag));
     async move {
         match (internal, usage, counted) {
             // A probe only tells this instance it owns the shard, which its arrival already did.
@@ -85,6 +89,10 @@ pub fn handle_delivery(
                 ack(&delivery).await;
             }
             (None, Some(Err(rejection)), _) => dead_letter(delivery, rejection, &context).await,
+        }
+        // Every path above has acknowledged or nacked the delivery unless it is a usage event.
+        if let Some(direct) = direct {
+            direct.settled();
         }
     }
 }

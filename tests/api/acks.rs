@@ -121,3 +121,31 @@ async fn settlements_go_out_in_delivery_order_and_abandoned_ones_do_not_block() 
     )
     .await;
 }
+
+#[actix_web::test]
+async fn a_multiple_ack_never_covers_a_delivery_the_consumer_has_not_settled() {
+    let vhost = TestVhost::create();
+    let received = three_deliveries(&vhost).await;
+    let sequencer = AckSequencer::start();
+    let [first, second, third] = &received.deliveries[..] else {
+        panic!("three deliveries");
+    };
+    let first = sequencer.register(first.delivery_tag, first.acker.clone());
+    // The second is a check still being answered: the consumer settles it itself.
+    let check = sequencer.direct(second.delivery_tag);
+    let third = sequencer.register(third.delivery_tag, third.acker.clone());
+
+    third.settle(Settlement::Ack);
+    first.settle(Settlement::Ack);
+    sequencer.sent().await;
+    // The broker takes every ack sent on the connection before its close: an ack of the third
+    // that covered the second would leave nothing to requeue.
+    let _ = received.connection.close(200, "done".into()).await;
+    eventually(
+        Duration::from_secs(10),
+        "the unanswered check requeued, the usage acknowledged",
+        || async { (queue_depths(&vhost.name, QUEUE) == (1, 0)).then_some(()) },
+    )
+    .await;
+    drop(check);
+}

@@ -74,9 +74,13 @@ pub fn handle_delivery(
         match (internal, usage, counted) {
             // A probe only tells this instance it owns the shard, which its arrival already did.
             (Some(InternalRequest::Probe), _, _) => ack(&delivery).await,
-            (Some(InternalRequest::Refresh), _, _) => answer_refresh(delivery, &context).await,
+            // The rare arms are boxed: a spawned future is as large as its largest arm, and
+            // every delivery's task is moved and allocated at that size.
+            (Some(InternalRequest::Refresh), _, _) => {
+                Box::pin(answer_refresh(delivery, &context)).await
+            }
             (Some(InternalRequest::Reservations), _, _) => {
-                answer_reservations(delivery, &context).await
+                Box::pin(answer_reservations(delivery, &context)).await
             }
             (None, None, _) => answer_check(delivery, &context).await,
             (None, Some(Ok(event)), Some(ack)) => {
@@ -88,7 +92,9 @@ pub fn handle_delivery(
                 metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
                 ack(&delivery).await;
             }
-            (None, Some(Err(rejection)), _) => dead_letter(delivery, rejection, &context).await,
+            (None, Some(Err(rejection)), _) => {
+                Box::pin(dead_letter(delivery, rejection, &context)).await
+            }
         }
         // Every path above has acknowledged or nacked the delivery unless it is a usage event.
         if let Some(direct) = direct {

@@ -16,6 +16,7 @@ use super::PERSISTENT;
 use crate::actors::key_actor::UsageRecorded;
 use crate::actors::registry::KeyRegistry;
 use crate::clock::SharedClock;
+use crate::domain::batch_plan::PlanRefusal;
 use crate::domain::check::{decode_check_request, CheckReply};
 use crate::domain::outcome::CheckOutcome;
 use crate::domain::reservation::ReservationsReply;
@@ -262,12 +263,11 @@ async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContex
     {
         Ok(UsageRecorded::Pending(ticket)) => Some(ticket),
         Ok(UsageRecorded::WouldOverflow { used }) => {
-            let reason = Rejection::new(format!(
-                "tokens_used_this_month of key {} would pass {} ({used} + {})",
-                event.api_key_id,
-                i64::MAX,
-                event.tokens
-            ));
+            let reason = PlanRefusal::CounterOverflow {
+                api_key_id: event.api_key_id,
+                used,
+                delta: event.tokens,
+            };
             ack.dead_letter(reason.to_string()).await;
             return;
         }

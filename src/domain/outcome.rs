@@ -19,7 +19,8 @@ pub enum CheckOutcome {
 
 impl CheckOutcome {
     /// Every outcome, for exhaustive tests of the mappings.
-    pub const ALL: [CheckOutcome; 6] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [CheckOutcome; 6] = [
         CheckOutcome::Allowed,
         CheckOutcome::QuotaReached,
         CheckOutcome::UnknownKey { allowed: true },

@@ -340,10 +340,10 @@ pub fn add_totals(total: &mut BTreeMap<i64, i64>, more: &BTreeMap<i64, i64>) {
     }
 }
 
-/// Waits until every published event is committed and acknowledged, then checks the totals stay exact.
 /// How long `assert_totals_become` watches the totals stay put: several flush intervals.
 const NOTHING_MORE_ARRIVES_WITHIN: Duration = Duration::from_millis(500);
 
+/// Waits until every published event is committed and acknowledged, then checks the totals stay exact.
 pub async fn assert_totals_become(scenario: &Scenario, expected: &BTreeMap<i64, i64>) {
     let keys: Vec<i64> = expected.keys().copied().collect();
     eventually(

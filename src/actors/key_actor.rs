@@ -96,7 +96,7 @@ pub enum UsageRecorded {
 }
 
 /// A batch committed: release its pending tokens and adopt the committed counter.
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Default, Message)]
 #[rtype(result = "()")]
 pub struct UsageCommitted {
     pub released: Vec<PendingTicket>,

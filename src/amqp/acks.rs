@@ -202,7 +202,7 @@ async fn run(mut commands: mpsc::UnboundedReceiver<Command>) {
             match command {
                 Command::Register(tag, acker) => order.register(tag, acker),
                 Command::Settle(tag, settlement) => order.settle(tag, settlement),
-                Command::Direct(tag, true) => frontier.settled_elsewhere(tag),
+                Command::Direct(tag, true) => frontier.note_settled(tag),
                 Command::Direct(_, false) => frontier.stop(),
                 Command::Sent(done) => waiting.push(done),
             }
@@ -283,7 +283,9 @@ enum Frame<A> {
 }
 
 impl Frontier {
-    fn settled_elsewhere(&mut self, tag: u64) {
+    /// `tag` is settled (by the consumer, or by an ack sent alone): the frontier moves up to
+    /// it once every tag before it is settled too.
+    fn note_settled(&mut self, tag: u64) {
         if !self.stopped {
             self.beyond.insert(tag);
             self.advance();
@@ -320,10 +322,7 @@ impl Frontier {
                 Settlement::Ack => {
                     frames.extend(run_end.take().map(Frame::AckThrough));
                     frames.push(Frame::Ack(acker));
-                    if !self.stopped {
-                        self.beyond.insert(tag);
-                        self.advance();
-                    }
+                    self.note_settled(tag);
                 }
             }
         }
@@ -387,14 +386,14 @@ mod tests {
         );
         assert_eq!(sent(frontier.frames(acks(&[6]))), [(6, false)]);
         // Once its ack is handed to lapin, the frontier closes the gap and runs on.
-        frontier.settled_elsewhere(3);
+        frontier.note_settled(3);
         assert_eq!(sent(frontier.frames(acks(&[7, 8]))), [(8, true)]);
     }
 
     #[test]
     fn a_gap_reported_before_the_run_joins_it() {
         let mut frontier = Frontier::default();
-        frontier.settled_elsewhere(2);
+        frontier.note_settled(2);
         assert_eq!(sent(frontier.frames(acks(&[1, 3]))), [(3, true)]);
     }
 
@@ -407,7 +406,7 @@ mod tests {
             (3, 3, Settlement::Ack),
         ];
         assert_eq!(sent(frontier.frames(ready)), [(1, true), (3, false)]);
-        frontier.settled_elsewhere(2);
+        frontier.note_settled(2);
         assert_eq!(
             sent(frontier.frames(acks(&[4, 5]))),
             [(4, false), (5, false)]

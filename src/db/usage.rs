@@ -15,8 +15,7 @@ use sea_orm::{
 };
 
 use crate::domain::alerts::Thresholds;
-pub use crate::domain::batch_plan::CommittedCounter;
-use crate::domain::batch_plan::{plan_batch, PlanRefusal, StoredKey};
+use crate::domain::batch_plan::{plan_batch, CommittedCounter, PlanRefusal, StoredKey};
 use crate::domain::reservation::{instant_of_secs, net_hold_changes, HoldChange, NetHoldChanges};
 use crate::domain::usage::UsageEvent;
 use crate::domain::window::Window;

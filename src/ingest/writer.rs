@@ -290,22 +290,13 @@ impl<S: BatchStore, L: CommitListener> BatchWriter<S, L> {
             if let Some(ticket) = consumed.ticket {
                 per_key
                     .entry(consumed.event.api_key_id)
-                    .or_insert_with(|| UsageCommitted {
-                        released: Vec::new(),
-                        counter: None,
-                    })
+                    .or_default()
                     .released
                     .push(ticket);
             }
         }
         for counter in &outcome.counters {
-            per_key
-                .entry(counter.api_key_id)
-                .or_insert_with(|| UsageCommitted {
-                    released: Vec::new(),
-                    counter: None,
-                })
-                .counter = Some(*counter);
+            per_key.entry(counter.api_key_id).or_default().counter = Some(*counter);
         }
         for (key_id, committed) in per_key {
             self.listener.usage_committed(key_id, committed);
@@ -340,7 +331,7 @@ mod tests {
 
     use super::*;
     use crate::clock::ManualClock;
-    use crate::db::usage::CommittedCounter;
+    use crate::domain::batch_plan::CommittedCounter;
     use crate::domain::reservation::Hold;
     use crate::readiness::BrokerState;
 
@@ -578,7 +569,8 @@ mod tests {
     #[tokio::test]
     async fn a_partial_batch_commits_once_the_interval_ends() {
         let flush_interval = Duration::from_millis(100);
-        let mut writer = start(FakeStore::default(), 1_000, 100, 1);
+        let flush_interval_ms = flush_interval.as_millis() as u64;
+        let mut writer = start(FakeStore::default(), 1_000, flush_interval_ms, 1);
         let submitted = std::time::Instant::now();
         writer.submit("a", 1, 5);
         let said = writer.completions(1).await;

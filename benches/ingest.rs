@@ -323,7 +323,7 @@ async fn service_run(keys: usize) -> Rates {
         .await
         .expect("broker");
     let channel = connection.create_channel().await.expect("channel");
-    quota_keeper::amqp::topology::declare(&channel, settings.amqp.shards)
+    quota_keeper::amqp::topology::declare(&connection, settings.amqp.shards)
         .await
         .expect("topology");
     channel

@@ -4,7 +4,9 @@
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 
@@ -25,6 +27,18 @@ pub const ERROR_HEADER: &str = "x-quota-error";
 pub const SINGLE_QUEUE: &str = "quota.shard.all";
 /// The command that gives a stock RabbitMQ the consistent-hash exchange type.
 pub const ENABLE_PLUGIN_COMMAND: &str = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange";
+
+/// The storage format of the owner queues: classic queue version 2 (RabbitMQ 3.10 and later)
+/// does about half the broker's work per persistent message of version 1 on the 16 shard queues,
+/// which made the broker the bottleneck of ingestion (BENCHMARKS.md). Older brokers ignore it.
+pub const QUEUE_VERSION: i32 = 2;
+/// The argument that sets `QUEUE_VERSION` at declaration.
+const QUEUE_VERSION_ARGUMENT: &str = "x-queue-version";
+/// The command that moves owner queues declared before `QUEUE_VERSION` to it, in place.
+pub const QUEUE_VERSION_POLICY_COMMAND: &str = "rabbitmqctl set_policy quota-owner-queues \
+    '^quota\\.shard\\.' '{\"queue-version\":2}' --apply-to queues";
+/// Set once the warning about owner queues of an older format has been logged.
+static WARNED_OLD_QUEUE_VERSION: AtomicBool = AtomicBool::new(false);
 
 /// How usage and checks reach the instance that owns their key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +87,7 @@ pub async fn declare_layout(url: &str, shards: u16) -> lapin::Result<Declared> {
     declare_public(&channel).await?;
     let declared = match declare_shard_exchange(&channel).await {
         Ok(()) => {
-            declare_shards(&channel, shards).await?;
+            declare_shards(&connection, channel, shards).await?;
             let single_queue_left = retire_single_queue(&connection).await?;
             Declared {
                 layout: Layout::Sharded(shards),
@@ -83,7 +97,7 @@ pub async fn declare_layout(url: &str, shards: u16) -> lapin::Result<Declared> {
         Err(error) if is_unknown_exchange_type(&error) => {
             let connection = Connection::connect(url, properties()).await?;
             let channel = connection.create_channel().await?;
-            declare_single_queue(&channel).await?;
+            declare_single_queue(&connection, channel).await?;
             let _ = connection.close(200, "declared".into()).await;
             Declared {
                 layout: Layout::Single,
@@ -111,10 +125,11 @@ pub fn shard_queue_name(shard: u16) -> String {
 }
 
 /// Declares the sharded layout: exchanges, shard queues, bindings and the dead-letter queue.
-pub async fn declare(channel: &Channel, shards: u16) -> lapin::Result<()> {
-    declare_public(channel).await?;
-    declare_shard_exchange(channel).await?;
-    declare_shards(channel, shards).await
+pub async fn declare(connection: &Connection, shards: u16) -> lapin::Result<()> {
+    let channel = connection.create_channel().await?;
+    declare_public(&channel).await?;
+    declare_shard_exchange(&channel).await?;
+    declare_shards(connection, channel, shards).await
 }
 
 /// The public exchanges and the dead-letter queue, the same in both layouts. The alerts
@@ -155,14 +170,67 @@ async fn declare_public(channel: &Channel) -> lapin::Result<()> {
     Ok(())
 }
 
-/// Arguments of every queue a key's messages wait in.
-fn owner_queue_arguments() -> FieldTable {
+/// Arguments of every queue a key's messages wait in; `versioned`: in `QUEUE_VERSION`'s format.
+fn owner_queue_arguments(versioned: bool) -> FieldTable {
     let mut arguments = FieldTable::default();
     // One consumer per queue at a time: the owner of a shard owns its keys.
     arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     // Checks (priority 1) overtake queued usage events.
     arguments.insert("x-max-priority".into(), AMQPValue::LongInt(1));
+    if versioned {
+        arguments.insert(
+            QUEUE_VERSION_ARGUMENT.into(),
+            AMQPValue::LongInt(QUEUE_VERSION),
+        );
+    }
     arguments
+}
+
+/// Declares an owner queue in `QUEUE_VERSION`'s format, or as it is if it was declared before
+/// that format was asked for (RabbitMQ refuses a declaration whose arguments differ): the
+/// service keeps working on it, and the warning names the policy that converts it in place.
+/// Returns the channel to go on with (a refused declaration closes its channel).
+async fn declare_owner_queue(
+    connection: &Connection,
+    channel: Channel,
+    queue: &str,
+) -> lapin::Result<Channel> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), durable, owner_queue_arguments(true))
+        .await;
+    match declared {
+        Ok(_) => Ok(channel),
+        Err(error) if is_other_queue_version(&error) => {
+            if !WARNED_OLD_QUEUE_VERSION.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    queue,
+                    "owner queues of an older storage format: the broker does about twice the \
+                     work per usage event on them. Convert them in place with `{}`",
+                    QUEUE_VERSION_POLICY_COMMAND
+                );
+            }
+            let channel = connection.create_channel().await?;
+            channel
+                .queue_declare(queue.into(), durable, owner_queue_arguments(false))
+                .await?;
+            Ok(channel)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The broker's answer to a declaration of an existing queue without its `x-queue-version`.
+fn is_other_queue_version(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                && amqp.get_message().as_str().contains(QUEUE_VERSION_ARGUMENT)
+    )
 }
 
 async fn declare_shard_exchange(channel: &Channel) -> lapin::Result<()> {
@@ -180,7 +248,11 @@ async fn declare_shard_exchange(channel: &Channel) -> lapin::Result<()> {
         .await
 }
 
-async fn declare_shards(channel: &Channel, shards: u16) -> lapin::Result<()> {
+async fn declare_shards(
+    connection: &Connection,
+    mut channel: Channel,
+    shards: u16,
+) -> lapin::Result<()> {
     for public in [USAGE_EXCHANGE, CHECK_EXCHANGE] {
         // Exchange-to-exchange bindings keep the routing key, so usage and checks of a key meet in one queue.
         channel
@@ -193,20 +265,9 @@ async fn declare_shards(channel: &Channel, shards: u16) -> lapin::Result<()> {
             )
             .await?;
     }
-    let shard_arguments = owner_queue_arguments();
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
     for shard in 0..shards {
         let queue = shard_queue_name(shard);
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                durable_queue,
-                shard_arguments.clone(),
-            )
-            .await?;
+        channel = declare_owner_queue(connection, channel, &queue).await?;
         // Binding key = weight on the consistent-hash ring; equal weights spread keys evenly.
         channel
             .queue_bind(
@@ -222,18 +283,9 @@ async fn declare_shards(channel: &Channel, shards: u16) -> lapin::Result<()> {
 }
 
 /// The single layout: `SINGLE_QUEUE` with both public exchanges bound straight to it.
-async fn declare_single_queue(channel: &Channel) -> lapin::Result<()> {
+async fn declare_single_queue(connection: &Connection, channel: Channel) -> lapin::Result<()> {
     // The public exchanges exist: `declare_layout` declared them before it tried the shard exchange.
-    channel
-        .queue_declare(
-            SINGLE_QUEUE.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            owner_queue_arguments(),
-        )
-        .await?;
+    let channel = declare_owner_queue(connection, channel, SINGLE_QUEUE).await?;
     for public in [USAGE_EXCHANGE, CHECK_EXCHANGE] {
         channel
             .queue_bind(

@@ -112,7 +112,15 @@ pub async fn spawn_app_on(backend: Backend, customize: impl FnOnce(&mut Settings
 
 /// Spawns the application with the broker on a vhost of its own, and waits until it consumes.
 pub async fn spawn_app_with_broker(customize: impl FnOnce(&mut Settings)) -> TestApp {
-    let vhost = TestVhost::create();
+    spawn_app_on_vhost(TestVhost::create(), customize).await
+}
+
+/// Spawns the application with the broker on `vhost` (which the test may have prepared), and
+/// waits until it consumes.
+pub async fn spawn_app_on_vhost(
+    vhost: TestVhost,
+    customize: impl FnOnce(&mut Settings),
+) -> TestApp {
     let url = vhost.url();
     let mut app = spawn_app_on(Backend::Postgres, |settings| {
         settings.amqp.enabled = true;

@@ -14,3 +14,4 @@ mod ops;
 mod reservations;
 mod rollover;
 mod storage;
+mod topology;

@@ -193,7 +193,6 @@ where
     }
 }
 
-/// One row per queue of `vhost`: its name, then the requested `columns`, as `rabbitmqctl` lists them.
 /// Names of the queues of `vhost`.
 pub fn list_queue_names(vhost: &str) -> Vec<String> {
     list_queues(vhost, &[])
@@ -202,6 +201,17 @@ pub fn list_queue_names(vhost: &str) -> Vec<String> {
         .collect()
 }
 
+/// The declaration arguments of `queue` in `vhost` as `rabbitmqctl` prints them, for example
+/// `[{"x-single-active-consumer",true},{"x-max-priority",1}]`.
+pub fn queue_arguments(vhost: &str, queue: &str) -> String {
+    list_queues(vhost, &["arguments"])
+        .into_iter()
+        .find(|row| row.first().is_some_and(|name| name == queue))
+        .and_then(|row| row.get(1).cloned())
+        .unwrap_or_else(|| panic!("queue {queue} exists in {vhost}"))
+}
+
+/// One row per queue of `vhost`: its name, then the requested `columns`, as `rabbitmqctl` lists them.
 fn list_queues(vhost: &str, columns: &[&str]) -> Vec<Vec<String>> {
     let output = std::process::Command::new("rabbitmqctl")
         .args([

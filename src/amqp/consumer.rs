@@ -1,4 +1,5 @@
-//! One delivery from a shard queue: answer a check, or take a usage event in (or dead-letter it).
+//! One delivery from a shard queue: answer a check, or take a usage event in (or dead-letter it);
+//! consecutive usage events are taken in together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, ShortString};
 use lapin::{BasicProperties, Channel};
+use tokio_util::task::TaskTracker;
 
 use super::acks::{AckSequencer, DeadLetterStore, DirectSettlement, PendingAck};
 use super::control::{self, InternalRequest};
@@ -33,21 +35,92 @@ pub struct DeliveryContext {
     pub writer: BatchWriterHandle,
     /// The lane's channel for check replies, reopened if the broker closes it.
     pub replies: Arc<ReplyChannel>,
-    /// Channel in confirm mode: a refused message is acknowledged only once its dead letter is stored.
-    pub dead_letters: Channel,
+    /// Channel in confirm mode: a refused message is acknowledged only once its dead letter is
+    /// stored. Shared, not cloned per delivery: a lapin `Channel` is a dozen reference counts.
+    pub dead_letters: Arc<Channel>,
     pub clock: SharedClock,
 }
 
-/// Routes a delivery by the exchange the client published to. Called in delivery order: a valid
-/// usage event with tokens is registered with its channel's `acks` sequencer before the returned
-/// future runs. Everything else (checks, refused or empty events) is settled directly, so a
-/// message whose dead letter cannot be stored never holds back the acks behind it; the sequencer
-/// learns once that ack or nack is handed to lapin, so its multiple acks never cover one unsettled.
-pub fn handle_delivery(
+/// Deliveries a shard loop received together (what lapin had buffered when it looked), taken
+/// in in delivery order. Consecutive counted usage events form a run: their actors are sent
+/// their events one after another, and the run reaches the batch writer as one command, all from
+/// one task, instead of a task, an awaited reply and a writer command per event. Anything else
+/// (a check, a refused or empty event) ends the run before it and gets a task of its own, so it
+/// still reaches its actor after the usage delivered before it.
+pub struct Burst<'a> {
+    context: &'a Arc<DeliveryContext>,
+    acks: &'a AckSequencer,
+    in_flight: &'a TaskTracker,
+    run: Vec<(UsageEvent, PendingAck)>,
+    taken: usize,
+}
+
+impl<'a> Burst<'a> {
+    pub fn new(
+        context: &'a Arc<DeliveryContext>,
+        acks: &'a AckSequencer,
+        in_flight: &'a TaskTracker,
+    ) -> Burst<'a> {
+        Burst {
+            context,
+            acks,
+            in_flight,
+            run: Vec::new(),
+            taken: 0,
+        }
+    }
+
+    /// Deliveries taken so far.
+    pub fn taken(&self) -> usize {
+        self.taken
+    }
+
+    /// Takes the next delivery, in the order the channel delivered them.
+    pub fn take(&mut self, delivery: Delivery) {
+        self.taken += 1;
+        match take_delivery(delivery, self.context, self.acks) {
+            Taken::Usage(event, ack) => self.run.push((event, ack)),
+            Taken::Other(handler) => {
+                self.end_run();
+                self.in_flight.spawn(handler);
+            }
+        }
+    }
+
+    /// Starts the task of the current run, if any.
+    fn end_run(&mut self) {
+        if !self.run.is_empty() {
+            let run = std::mem::take(&mut self.run);
+            self.in_flight
+                .spawn(take_usage_run(run, Arc::clone(self.context)));
+        }
+    }
+}
+
+/// The last run starts when the burst ends, however the shard loop leaves it.
+impl Drop for Burst<'_> {
+    fn drop(&mut self) {
+        self.end_run();
+    }
+}
+
+/// What a delivery became once classified.
+enum Taken<F> {
+    /// A counted usage event, registered with its channel's sequencer: it joins the run.
+    Usage(UsageEvent, PendingAck),
+    /// Everything else: the task that handles and settles it.
+    Other(F),
+}
+
+/// Classifies a delivery by the exchange the client published to. Called in delivery order: a
+/// valid usage event with tokens is registered with its channel's `acks` sequencer here.
+/// Everything else (checks, refused or empty events) is settled directly by the returned task,
+/// so a message whose dead letter cannot be stored never holds back the acks behind it.
+fn take_delivery(
     delivery: Delivery,
-    context: Arc<DeliveryContext>,
+    context: &Arc<DeliveryContext>,
     acks: &AckSequencer,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
+) -> Taken<impl std::future::Future<Output = ()> + Send + 'static> {
     let internal = control::internal_request(delivery.exchange.as_str(), &delivery.properties);
     let is_check = match delivery.exchange.as_str() {
         CHECK_EXCHANGE => true,
@@ -61,47 +134,68 @@ pub fn handle_delivery(
             Ok(event)
         })
     });
-    // A void (0 tokens naming a hold) must still reach the actor and the table.
-    let counted = match &usage {
+    match usage {
+        // A void (0 tokens naming a hold) must still reach the actor and the table.
         Some(Ok(event)) if event.tokens != 0 || event.reservation_id.is_some() => {
-            Some(acks.register(delivery.delivery_tag, delivery.acker.clone()))
+            let Delivery {
+                delivery_tag,
+                exchange,
+                properties,
+                data,
+                acker,
+                ..
+            } = delivery;
+            // The delivery's body moves into the way to refuse it later: no copy per event.
+            let refuse = dead_letter_store(
+                DeadLetter {
+                    data,
+                    properties,
+                    exchange,
+                },
+                context,
+            );
+            let ack = acks.register(delivery_tag, acker).with_dead_letter(refuse);
+            Taken::Usage(event, ack)
         }
-        _ => None,
-    };
-    let direct: Option<DirectSettlement> = counted
-        .is_none()
-        .then(|| acks.direct(delivery.delivery_tag));
-    async move {
-        match (internal, usage, counted) {
-            // A probe only tells this instance it owns the shard, which its arrival already did.
-            (Some(InternalRequest::Probe), _, _) => ack(&delivery).await,
-            // The rare arms are boxed: a spawned future is as large as its largest arm, and
-            // every delivery's task is moved and allocated at that size.
-            (Some(InternalRequest::Refresh), _, _) => {
-                Box::pin(answer_refresh(delivery, &context)).await
-            }
-            (Some(InternalRequest::Reservations), _, _) => {
-                Box::pin(answer_reservations(delivery, &context)).await
-            }
-            (None, None, _) => answer_check(delivery, &context).await,
-            (None, Some(Ok(event)), Some(ack)) => {
-                // The delivery's body moves into the way to refuse it later: no copy per event.
-                let ack = ack.with_dead_letter(dead_letter_store(delivery, &context));
-                take_usage(event, ack, &context).await
-            }
-            (None, Some(Ok(_)), None) => {
-                metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
-                ack(&delivery).await;
-            }
-            (None, Some(Err(rejection)), _) => {
-                Box::pin(dead_letter(delivery, rejection, &context)).await
-            }
-        }
-        // Every path above has acknowledged or nacked the delivery unless it is a usage event.
-        if let Some(direct) = direct {
-            direct.settled();
+        usage => {
+            let direct = acks.direct(delivery.delivery_tag);
+            Taken::Other(settle_directly(
+                delivery,
+                internal,
+                usage,
+                Arc::clone(context),
+                direct,
+            ))
         }
     }
+}
+
+/// Handles a delivery that is not a counted usage event and settles it, then tells the
+/// sequencer, so its multiple acks never cover a delivery still unsettled.
+async fn settle_directly(
+    delivery: Delivery,
+    internal: Option<InternalRequest>,
+    usage: Option<Result<UsageEvent, Rejection>>,
+    context: Arc<DeliveryContext>,
+    direct: DirectSettlement,
+) {
+    match (internal, usage) {
+        // A probe only tells this instance it owns the shard, which its arrival already did.
+        (Some(InternalRequest::Probe), _) => ack(&delivery).await,
+        // The rare arms are boxed: a spawned future is as large as its largest arm, and every
+        // such delivery's task is moved and allocated at that size.
+        (Some(InternalRequest::Refresh), _) => Box::pin(answer_refresh(delivery, &context)).await,
+        (Some(InternalRequest::Reservations), _) => {
+            Box::pin(answer_reservations(delivery, &context)).await
+        }
+        (None, None) => answer_check(delivery, &context).await,
+        (None, Some(Ok(_))) => {
+            metrics::counter!(names::USAGE_EVENTS_TOTAL, "outcome" => "zero").increment(1);
+            ack(&delivery).await;
+        }
+        (None, Some(Err(rejection))) => Box::pin(dead_letter(delivery, rejection, &context)).await,
+    }
+    direct.settled();
 }
 
 /// SPEC §2: the routing key is the body's `api_key_id`, since it decides which shard, and so
@@ -249,43 +343,54 @@ async fn answer_reservations(delivery: Delivery, context: &DeliveryContext) {
     }
 }
 
-/// Counts a valid usage event in its key's memory and hands it to the batch writer.
-async fn take_usage(event: UsageEvent, ack: PendingAck, context: &DeliveryContext) {
-    let ticket = match context
-        .registry
-        .record_usage(
+/// Counts a run of valid usage events in their keys' memory and hands them to the batch writer
+/// as one command. Every actor is sent its event before any answer is awaited, in delivery order.
+async fn take_usage_run(run: Vec<(UsageEvent, PendingAck)>, context: Arc<DeliveryContext>) {
+    let registry = &context.registry;
+    let recorded = futures::future::join_all(run.iter().map(|(event, _)| {
+        registry.record_usage(
             event.api_key_id,
             event.tokens,
             event.occurred_at,
             event.reservation_id.clone(),
         )
-        .await
-    {
-        Ok(UsageRecorded::Pending(ticket)) => Some(ticket),
-        Ok(UsageRecorded::WouldOverflow { used }) => {
-            let reason = PlanRefusal::CounterOverflow {
-                api_key_id: event.api_key_id,
-                used,
-                delta: event.tokens,
-            };
-            ack.dead_letter(reason.to_string()).await;
-            return;
-        }
-        // The actor's "unknown" may be a few seconds old (a key just created elsewhere), and a key
-        // that could not be loaded may exist: the batch writer decides against the database.
-        Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_) => None,
-    };
-    context.writer.submit(ConsumedEvent {
-        event,
-        ticket,
-        completion: Box::new(ack),
-    });
+    }))
+    .await;
+    let mut consumed = Vec::with_capacity(run.len());
+    let mut overflowing = Vec::new();
+    for ((event, ack), recorded) in run.into_iter().zip(recorded) {
+        let ticket = match recorded {
+            Ok(UsageRecorded::Pending(ticket)) => Some(ticket),
+            Ok(UsageRecorded::WouldOverflow { used }) => {
+                let reason = PlanRefusal::CounterOverflow {
+                    api_key_id: event.api_key_id,
+                    used,
+                    delta: event.tokens,
+                };
+                overflowing.push((ack, reason));
+                continue;
+            }
+            // The actor's "unknown" may be a few seconds old (a key just created elsewhere), and
+            // a key that could not be loaded may exist: the batch writer decides against the
+            // database.
+            Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_) => None,
+        };
+        consumed.push(ConsumedEvent {
+            event,
+            ticket,
+            completion: Box::new(ack),
+        });
+    }
+    context.writer.submit_all(consumed);
+    for (ack, reason) in overflowing {
+        ack.dead_letter(reason.to_string()).await;
+    }
 }
 
 /// Stores the message in `quota.usage.dead` with the reason, then acknowledges the original.
 async fn dead_letter(delivery: Delivery, rejection: Rejection, context: &DeliveryContext) {
     let stored = store_dead_letter(
-        context.dead_letters.clone(),
+        Arc::clone(&context.dead_letters),
         DeadLetter::of(&delivery),
         rejection.to_string(),
     )
@@ -323,18 +428,13 @@ impl DeadLetter {
 
 /// How a delivery already taken in is refused later (the actor or the database will not count
 /// it): the same dead letter as a malformed message gets.
-fn dead_letter_store(delivery: Delivery, context: &DeliveryContext) -> DeadLetterStore {
-    let original = DeadLetter {
-        data: delivery.data,
-        properties: delivery.properties,
-        exchange: delivery.exchange,
-    };
-    let channel = context.dead_letters.clone();
+fn dead_letter_store(original: DeadLetter, context: &DeliveryContext) -> DeadLetterStore {
+    let channel = Arc::clone(&context.dead_letters);
     Box::new(move |reason| Box::pin(store_dead_letter(channel, original, reason)))
 }
 
 /// Publishes the message to `quota.usage.dead` with the reason; `true` once the broker confirmed it.
-async fn store_dead_letter(channel: Channel, original: DeadLetter, reason: String) -> bool {
+async fn store_dead_letter(channel: Arc<Channel>, original: DeadLetter, reason: String) -> bool {
     tracing::info!(%reason, "usage message dead-lettered");
     let mut headers = original.properties.headers().clone().unwrap_or_default();
     headers.insert(ERROR_HEADER.into(), AMQPValue::LongString(reason.into()));

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -30,7 +30,7 @@ use crate::ingest::BatchWriterHandle;
 use crate::readiness::{BrokerState, Readiness};
 use crate::settings::AmqpSettings;
 use acks::AckSequencer;
-use consumer::DeliveryContext;
+use consumer::{Burst, DeliveryContext};
 use control::{ControlLink, Forwarder};
 use ownership::Ownership;
 use topology::Layout;
@@ -45,6 +45,10 @@ const IN_FLIGHT_GRACE: Duration = Duration::from_secs(3);
 const CONNECTION_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// After handing a shard over, this long before consuming it again (as a waiting consumer).
 const REJOIN_PAUSE: Duration = Duration::from_millis(100);
+/// Deliveries a shard loop takes in as one burst at most: large enough that a run of usage
+/// events costs one task and one writer command for hundreds of events, small enough that the
+/// loop soon looks at its stop and hand-over signals again.
+const MAX_BURST: usize = 256;
 /// How often the drain of the retired single queue looks whether it is done.
 const DRAIN_ROUND: Duration = Duration::from_secs(1);
 /// The missing-plugin warning is logged once per process, not at every reconnect.
@@ -284,7 +288,7 @@ async fn connect_lane(plan: LanePlan) -> Result<Lane, lapin::Error> {
         .await?,
     );
     let replies = Arc::new(replies::ReplyChannel::open(Arc::clone(&connection)).await?);
-    let dead_letters = connection.create_channel().await?;
+    let dead_letters = Arc::new(connection.create_channel().await?);
     dead_letters
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -297,7 +301,7 @@ async fn connect_lane(plan: LanePlan) -> Result<Lane, lapin::Error> {
             registry: plan.registry.on_shard(shard),
             writer: plan.writer.clone(),
             replies: Arc::clone(&replies),
-            dead_letters: dead_letters.clone(),
+            dead_letters: Arc::clone(&dead_letters),
             clock: plan.clock.clone(),
         }),
         ownership: Arc::clone(&plan.ownership),
@@ -492,11 +496,7 @@ impl ShardLoop {
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         active = true;
-                        in_flight.spawn(consumer::handle_delivery(
-                            delivery,
-                            Arc::clone(&self.context),
-                            acks,
-                        ));
+                        Burst::new(&self.context, acks, in_flight).take(delivery);
                     }
                     // Deleted by the instance that drained it, or the session is ending.
                     Some(Err(_)) | None => return true,
@@ -568,22 +568,26 @@ impl ShardLoop {
                 }
                 next = consumer.next() => next,
             };
-            match next {
-                Some(Ok(delivery)) => {
-                    // Only the active consumer of a queue receives anything.
-                    if self.ownership.delivered(self.shard) {
-                        // Just gained: an actor a late handler started while the shard was
-                        // elsewhere may hold an old state; the keys load afresh.
-                        self.context.registry.evict_shard(self.shard);
+            // With it, whatever lapin has already received: taken in as one burst.
+            let mut burst = Burst::new(&self.context, acks, in_flight);
+            let mut next = Some(next);
+            while let Some(received) = next.take() {
+                match received {
+                    Some(Ok(delivery)) => {
+                        // Only the active consumer of a queue receives anything.
+                        if self.ownership.delivered(self.shard) {
+                            // Just gained: an actor a late handler started while the shard was
+                            // elsewhere may hold an old state; the keys load afresh.
+                            self.context.registry.evict_shard(self.shard);
+                        }
+                        burst.take(delivery);
                     }
-                    in_flight.spawn(consumer::handle_delivery(
-                        delivery,
-                        Arc::clone(&self.context),
-                        acks,
-                    ));
+                    Some(Err(error)) => return ShardLoopEnd::Failed(error.into()),
+                    None => return ShardLoopEnd::Failed(SessionError::ConsumersEnded),
                 }
-                Some(Err(error)) => return ShardLoopEnd::Failed(error.into()),
-                None => return ShardLoopEnd::Failed(SessionError::ConsumersEnded),
+                if burst.taken() < MAX_BURST {
+                    next = consumer.next().now_or_never();
+                }
             }
         }
     }

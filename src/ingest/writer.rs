@@ -42,6 +42,8 @@ enum LaneItem {
 
 enum Command {
     Item(LaneItem),
+    /// Usage events consumed together, in delivery order.
+    Events(Vec<ConsumedEvent>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -53,11 +55,23 @@ pub struct BatchWriterHandle {
 }
 
 impl BatchWriterHandle {
-    pub fn submit(&self, event: ConsumedEvent) {
-        let lane = lane_of(event.event.api_key_id, self.lanes.len());
+    /// Hands events consumed together to their lanes, one command per lane, keeping their order.
+    pub fn submit_all(&self, events: Vec<ConsumedEvent>) {
         // The writer outlives every consumer; if it is gone the process is stopping and the
-        // unacknowledged delivery comes again.
-        let _ = self.lanes[lane].send(Command::Item(LaneItem::Event(event)));
+        // unacknowledged deliveries come again.
+        if let [lane] = self.lanes.as_slice() {
+            let _ = lane.send(Command::Events(events));
+            return;
+        }
+        let mut per_lane: Vec<Vec<ConsumedEvent>> = self.lanes.iter().map(|_| Vec::new()).collect();
+        for event in events {
+            per_lane[lane_of(event.event.api_key_id, self.lanes.len())].push(event);
+        }
+        for (lane, events) in self.lanes.iter().zip(per_lane) {
+            if !events.is_empty() {
+                let _ = lane.send(Command::Events(events));
+            }
+        }
     }
 
     /// A handle that does not keep the writer running: the writer ends once the consumers'
@@ -133,7 +147,6 @@ impl<S: BatchStore, L: CommitListener> BatchWriter<S, L> {
     }
 
     async fn run(self: Arc<Self>, mut commands: mpsc::UnboundedReceiver<Command>) {
-        let flush_interval = Duration::from_millis(self.settings.flush_interval_ms);
         let mut batch: Vec<LaneItem> = Vec::with_capacity(self.settings.batch_size);
         let mut deadline: Option<Instant> = None;
         loop {
@@ -149,14 +162,11 @@ impl<S: BatchStore, L: CommitListener> BatchWriter<S, L> {
                 None => commands.recv().await,
             };
             match command {
-                Some(Command::Item(event)) => {
-                    if batch.is_empty() {
-                        deadline = Some(Instant::now() + flush_interval);
-                    }
-                    batch.push(event);
-                    if batch.len() >= self.settings.batch_size {
-                        self.commit(std::mem::take(&mut batch)).await;
-                        deadline = None;
+                Some(Command::Item(item)) => self.add(&mut batch, &mut deadline, item).await,
+                Some(Command::Events(events)) => {
+                    for event in events {
+                        self.add(&mut batch, &mut deadline, LaneItem::Event(event))
+                            .await;
                     }
                 }
                 Some(Command::Flush(done)) => {
@@ -169,6 +179,20 @@ impl<S: BatchStore, L: CommitListener> BatchWriter<S, L> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Adds `item` to the batch, committing the batch once it holds `ingest.batch_size` items;
+    /// the first item of a batch sets when it is committed at the latest.
+    async fn add(&self, batch: &mut Vec<LaneItem>, deadline: &mut Option<Instant>, item: LaneItem) {
+        if batch.is_empty() {
+            *deadline =
+                Some(Instant::now() + Duration::from_millis(self.settings.flush_interval_ms));
+        }
+        batch.push(item);
+        if batch.len() >= self.settings.batch_size {
+            self.commit(std::mem::take(batch)).await;
+            *deadline = None;
         }
     }
 
@@ -524,15 +548,37 @@ mod tests {
         }
 
         fn submit_event(&self, event: UsageEvent, ticket: Option<PendingTicket>) {
+            self.handle.submit_all(vec![self.consumed(event, ticket)]);
+        }
+
+        /// Events `(id, api_key_id)` of one token each, submitted together as a consumer's run.
+        fn submit_run(&self, events: &[(String, i64)]) {
+            let run = events
+                .iter()
+                .map(|(id, api_key_id)| {
+                    let event = UsageEvent {
+                        event_id: id.clone(),
+                        api_key_id: *api_key_id,
+                        tokens: 1,
+                        occurred_at: now(),
+                        reservation_id: None,
+                    };
+                    self.consumed(event, None)
+                })
+                .collect();
+            self.handle.submit_all(run);
+        }
+
+        fn consumed(&self, event: UsageEvent, ticket: Option<PendingTicket>) -> ConsumedEvent {
             let completion = Box::new(Recorder {
                 id: event.event_id.clone(),
                 said: Some(self.said_tx.clone()),
             });
-            self.handle.submit(ConsumedEvent {
+            ConsumedEvent {
                 event,
                 ticket,
                 completion,
-            });
+            }
         }
 
         /// The next `count` completions, in the order they were given.
@@ -564,6 +610,44 @@ mod tests {
             "{said:?}"
         );
         assert_eq!(writer.store.committed_ids(), vec![ids(&["a", "b", "c"])]);
+    }
+
+    #[tokio::test]
+    async fn a_run_is_split_between_lanes_and_into_batches_of_at_most_the_batch_size() {
+        let mut writer = start(FakeStore::default(), 4, NEVER_MS, 2);
+        let run: Vec<(String, i64)> = (0..11).map(|i| (format!("{i}"), i % 3 + 1)).collect();
+        writer.submit_run(&run);
+        writer.handle.flush().await;
+        let said = writer.completions(11).await;
+        assert!(said.iter().all(|(_, what)| *what == Said::Committed));
+        let batches = writer.store.committed_ids();
+        let key_of = |id: &String| run[id.parse::<usize>().expect("ids are indexes")].1;
+        for batch in &batches {
+            assert!(
+                batch.len() <= 4,
+                "a batch above the batch size: {batches:?}"
+            );
+            assert!(
+                batch
+                    .iter()
+                    .all(|id| key_of(id) % 2 == key_of(&batch[0]) % 2),
+                "one batch mixes lanes: {batches:?}"
+            );
+        }
+        // Each lane commits its share of the run in the run's order.
+        for lane in 0..2 {
+            let committed: Vec<&String> = batches
+                .iter()
+                .flatten()
+                .filter(|id| key_of(id) % 2 == lane)
+                .collect();
+            let submitted: Vec<&String> = run
+                .iter()
+                .filter(|(_, key)| key % 2 == lane)
+                .map(|(id, _)| id)
+                .collect();
+            assert_eq!(committed, submitted);
+        }
     }
 
     #[tokio::test]
@@ -786,7 +870,7 @@ mod tests {
             ..
         } = start(FakeStore::default(), 1_000, NEVER_MS, 2);
         let weak = handle.downgrade();
-        handle.submit(ConsumedEvent {
+        handle.submit_all(vec![ConsumedEvent {
             event: UsageEvent {
                 event_id: "a".into(),
                 api_key_id: 1,
@@ -799,7 +883,7 @@ mod tests {
                 id: "a".into(),
                 said: Some(said_tx),
             }),
-        });
+        }]);
         drop(handle);
         tokio::time::timeout(DEADLINE, stopped)
             .await

@@ -59,33 +59,39 @@ fn event_body(i: usize, keys: usize) -> Vec<u8> {
     format!(r#"{{"event_id": "e-{i}", "api_key_id": {key}, "tokens": 3}}"#).into_bytes()
 }
 
-/// Publishes persistent messages with confirms, `PUBLISH_CHUNK` outstanding at a time, to
-/// `exchange` with the key id as routing key, or through the default exchange to `queue`.
+/// Where a copy of each event goes: an exchange and, for the default exchange, the queue.
+type Destination<'a> = (&'a str, Option<&'a str>);
+
+/// Publishes `count` persistent events with confirms, `PUBLISH_CHUNK` outstanding at a time, each
+/// to every destination in turn: to an exchange with the key id as routing key, or through the
+/// default exchange to a queue. Interleaved, so every destination's messages are as old when the
+/// consumers start (the broker keeps writing persistent messages for a while after their confirms).
 async fn publish_all(
     channel: &Channel,
-    exchange: &str,
-    queue: Option<&str>,
+    destinations: &[Destination<'_>],
     count: usize,
     keys: usize,
 ) {
     let mut confirms = Vec::with_capacity(PUBLISH_CHUNK);
     for i in 0..count {
-        let routing_key = match queue {
-            Some(queue) => queue.to_string(),
-            None => ((i % keys) + 1).to_string(),
-        };
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &event_body(i, keys),
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-        if confirms.len() == PUBLISH_CHUNK || i + 1 == count {
+        for &(exchange, queue) in destinations {
+            let routing_key = match queue {
+                Some(queue) => queue.to_string(),
+                None => ((i % keys) + 1).to_string(),
+            };
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &event_body(i, keys),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        if confirms.len() >= PUBLISH_CHUNK || i + 1 == count {
             for confirm in futures::future::join_all(confirms.drain(..)).await {
                 assert!(confirm.expect("confirm").is_ack());
             }
@@ -93,15 +99,7 @@ async fn publish_all(
     }
 }
 
-async fn publish_to_queue(url: &str, queue: &str, count: usize, keys: usize) {
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+async fn declare_plain_queue(channel: &Channel, queue: &str) {
     channel
         .queue_declare(
             queue.into(),
@@ -113,7 +111,19 @@ async fn publish_to_queue(url: &str, queue: &str, count: usize, keys: usize) {
         )
         .await
         .expect("queue");
-    publish_all(&channel, "", Some(queue), count, keys).await;
+}
+
+async fn publish_to_queue(url: &str, queue: &str, count: usize, keys: usize) {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    declare_plain_queue(&channel, queue).await;
+    publish_all(&channel, &[("", Some(queue))], count, keys).await;
     let _ = connection.close(200, "done".into()).await;
 }
 
@@ -202,13 +212,11 @@ async fn bare_consumer(url: &str, queue: &str) -> f64 {
     rate
 }
 
-/// Queues `EVENTS` events in a plain durable queue, then runs [`bare_consumer`] on them in a child
-/// process (this binary, re-executed) and returns the rate it prints.
-async fn bare_consumer_in_own_process(url: &str, keys: usize) -> f64 {
-    const QUEUE: &str = "bench.bare-consumer";
-    publish_to_queue(url, QUEUE, EVENTS, keys).await;
+/// Runs [`bare_consumer`] on the `EVENTS` events queued in `queue`, in a child process (this
+/// binary, re-executed), and returns the rate it prints.
+async fn bare_consumer_in_own_process(url: &str, queue: &str) -> f64 {
     let output = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
-        .args([BARE_CONSUMER_ARG, url, QUEUE])
+        .args([BARE_CONSUMER_ARG, url, queue])
         .output()
         .await
         .expect("the bare consumer runs");
@@ -311,8 +319,14 @@ async fn total_used(db: &DatabaseConnection) -> i64 {
     row.try_get_by_index(0).expect("sum")
 }
 
-/// The service: events already queued when it starts; timed until all are committed.
-async fn service_run(keys: usize) -> Rates {
+/// One round: `EVENTS` events queued for the service (through its exchange, on its shard queues)
+/// and the same events in a plain durable queue of the same vhost, published interleaved; once
+/// the broker has finished writing them, (c) drains the plain queue and the service is timed
+/// from its start until all its events are
+/// committed, one right after the other (seconds apart, so the machine's drift between them stays
+/// small), in the order given. The service is stopped at the end. Returns (service, (c)) events/s.
+async fn round(keys: usize, service_first: bool) -> (f64, f64) {
+    const BARE_QUEUE: &str = "bench.bare-consumer";
     let (_database, vhost, settings) = bench_environment().await;
     let db = quota_keeper::db::connect_and_migrate(&settings.database)
         .await
@@ -322,31 +336,117 @@ async fn service_run(keys: usize) -> Rates {
     let connection = Connection::connect(&vhost.url(), ConnectionProperties::default())
         .await
         .expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
     quota_keeper::amqp::topology::declare(&connection, settings.amqp.shards)
         .await
         .expect("topology");
+    let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    publish_all(&channel, "quota.usage", None, EVENTS, keys).await;
+    declare_plain_queue(&channel, BARE_QUEUE).await;
+    let destinations = [("quota.usage", None), ("", Some(BARE_QUEUE))];
+    publish_all(&channel, &destinations, EVENTS, keys).await;
     let _ = connection.close(200, "published".into()).await;
+    broker_settled().await;
 
+    let mut consumer = None;
+    if !service_first {
+        consumer = Some(bare_consumer_in_own_process(&vhost.url(), BARE_QUEUE).await);
+    }
     let expected = 3 * EVENTS as i64;
     let started = Instant::now();
     let app = Application::build(settings, Arc::new(SystemClock))
         .await
         .expect("app");
-    actix_web::rt::spawn(app.run_until(std::future::pending()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = actix_web::rt::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
     // Every 100 ms: the sum reads every key's row, and polling it more often would take CPU from
-    // the service being measured (the end is seen at most 100 ms late, 2 % of the shortest run).
+    // the service being measured (the end is seen at most 100 ms late, 5 % of the shortest run).
     while total_used(&db).await != expected {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let service = EVENTS as f64 / started.elapsed().as_secs_f64();
+    // Stopped before anything else is measured, so nothing of it runs alongside.
+    let _ = stop.send(());
+    let _ = running.await;
+    let consumer = match consumer {
+        Some(rate) => rate,
+        None => bare_consumer_in_own_process(&vhost.url(), BARE_QUEUE).await,
+    };
+    (service, consumer)
+}
 
-    let consumer = bare_consumer_in_own_process(&vhost.url(), keys).await;
+/// The broker's CPU time so far (all its threads), from `/proc`; `None` if it cannot be read.
+fn broker_cpu_ticks() -> Option<u64> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if !stat.contains("(beam.smp)") {
+            continue;
+        }
+        // utime and stime: fields 14 and 15, the 12th and 13th after the command's `)`.
+        let after_command = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = after_command.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        total = Some(total.unwrap_or(0) + ticks);
+    }
+    total
+}
+
+/// Waits until the broker is idle: it keeps writing persistent messages for seconds after their
+/// confirms (classic queues of version 1 most), and whichever consumer ran first paid for every
+/// queue's writes. Idle = under 5 % of a core for 500 ms; 30 s at most.
+async fn broker_settled() {
+    const WINDOW: Duration = Duration::from_millis(500);
+    // Clock ticks per second on Linux (`getconf CLK_TCK`).
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let Some(mut before) = broker_cpu_ticks() else {
+        return;
+    };
+    while Instant::now() < deadline {
+        tokio::time::sleep(WINDOW).await;
+        let Some(now) = broker_cpu_ticks() else {
+            return;
+        };
+        let busy = (now - before) as f64 / TICKS_PER_SECOND / WINDOW.as_secs_f64();
+        if busy < 0.05 {
+            return;
+        }
+        before = now;
+    }
+}
+
+/// Rounds of the service and the bare consumer (c) per key count: this machine's pace drifts by
+/// a third within minutes, so each round's two runs are compared, and the medians reported.
+const ROUNDS: usize = 3;
+
+/// The middle value of `values` (an odd count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Every rate for `keys` distinct keys: `ROUNDS` rounds of the service and (c), then (a) and (b).
+async fn measure(keys: usize) -> Rates {
+    let mut service = Vec::with_capacity(ROUNDS);
+    let mut consumer = Vec::with_capacity(ROUNDS);
+    for index in 0..ROUNDS {
+        // Each goes first in turn: the one that runs second finds its messages older.
+        let (service_rate, consumer_rate) = round(keys, index % 2 == 1).await;
+        service.push(service_rate);
+        consumer.push(consumer_rate);
+    }
+    let (_database, vhost, settings) = bench_environment().await;
+    let db = quota_keeper::db::connect_and_migrate(&settings.database)
+        .await
+        .expect("migrate");
+    insert_keys(&db, keys as i64).await;
     let bare = bare_drain(&vhost.url(), keys).await;
     let naive = naive_consumer(&vhost.url(), &db, keys).await;
     Rates {
@@ -357,19 +457,22 @@ async fn service_run(keys: usize) -> Rates {
     }
 }
 
-/// Events per second of the service and of each baseline, measured in one run.
+/// Events per second of the service and of each baseline, for one key count.
 struct Rates {
-    service: f64,
-    consumer: f64,
+    /// One per round.
+    service: Vec<f64>,
+    /// (c), one per round.
+    consumer: Vec<f64>,
     bare: f64,
     naive: f64,
 }
 
 async fn run() {
     println!(
-        "## Ingestion: {EVENTS} persistent events queued → committed (naive: {NAIVE_EVENTS})\n"
+        "## Ingestion: {EVENTS} persistent events queued → committed (naive: {NAIVE_EVENTS}); \
+         quota-keeper and the bare consumer: medians of {ROUNDS} rounds\n"
     );
-    println!("| distinct keys | quota-keeper events/s | bare consumer events/s | bare drain events/s | naive events/s | vs bare consumer | vs bare | vs naive |");
+    println!("| distinct keys | quota-keeper events/s | bare consumer events/s | bare drain events/s | naive events/s | vs bare consumer (rounds) | vs bare | vs naive |");
     println!("|---|---|---|---|---|---|---|---|");
     // `cargo bench --bench ingest -- 100000` runs only the given key counts.
     let requested: Vec<usize> = std::env::args()
@@ -382,17 +485,27 @@ async fn run() {
         requested
     };
     for keys in key_counts {
-        let Rates {
-            service,
-            consumer,
-            bare,
-            naive,
-        } = service_run(keys).await;
+        let rates = measure(keys).await;
+        let ratios: Vec<f64> = rates
+            .service
+            .iter()
+            .zip(&rates.consumer)
+            .map(|(service, consumer)| service / consumer)
+            .collect();
+        let each_round = ratios
+            .iter()
+            .map(|ratio| format!("{ratio:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let service = median(rates.service);
         println!(
-            "| {keys} | {service:.0} | {consumer:.0} | {bare:.0} | {naive:.0} | {:.2}x | {:.2}x | {:.1}x |",
-            service / consumer,
-            service / bare,
-            service / naive
+            "| {keys} | {service:.0} | {:.0} | {:.0} | {:.0} | {:.2}x ({each_round}) | {:.2}x | {:.1}x |",
+            median(rates.consumer),
+            rates.bare,
+            rates.naive,
+            median(ratios),
+            service / rates.bare,
+            service / rates.naive
         );
     }
     actix::System::current().stop();

@@ -496,6 +496,7 @@ impl ShardLoop {
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         active = true;
+                        // One at a time: the drain is rare and short, the shard loops are not.
                         Burst::new(&self.context, acks, in_flight).take(delivery);
                     }
                     // Deleted by the instance that drained it, or the session is ending.

@@ -1,11 +1,11 @@
 //! The AMQP topology of SPEC §2 and §4 and TOPOLOGY.md, declared idempotently at every (re)connect:
 //! sharded when the broker has the consistent-hash exchange type, else one queue for every key.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
@@ -28,10 +28,11 @@ pub const SINGLE_QUEUE: &str = "quota.shard.all";
 /// The command that gives a stock RabbitMQ the consistent-hash exchange type.
 pub const ENABLE_PLUGIN_COMMAND: &str = "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange";
 
-/// The storage format of the owner queues: classic queue version 2 (RabbitMQ 3.10 and later)
-/// does about half the broker's work per persistent message of version 1 on the 16 shard queues,
-/// which made the broker the bottleneck of ingestion (BENCHMARKS.md). Older brokers ignore it.
-pub const QUEUE_VERSION: i32 = 2;
+/// The storage format of the owner queues: on the 16 shard queues, classic queue version 2
+/// (RabbitMQ 3.10 and later) costs the broker about half the work of version 1 per persistent
+/// message consumed soon after it was published, the broker's writing included (BENCHMARKS.md).
+/// Older brokers ignore it.
+const QUEUE_VERSION: i32 = 2;
 /// The argument that sets `QUEUE_VERSION` at declaration.
 const QUEUE_VERSION_ARGUMENT: &str = "x-queue-version";
 /// The command that moves owner queues declared before `QUEUE_VERSION` to it, in place.

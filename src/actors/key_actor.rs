@@ -62,11 +62,18 @@ pub struct DeleteKey {
     pub username: String,
 }
 
-/// Count a validated usage event in memory at once, until the batch writer commits it, and
-/// release the hold it names (settled, or voided with 0 tokens).
+/// Count validated usage events of the key in memory at once, in order, until the batch writer
+/// commits them, and release the holds they name (settled, or voided with 0 tokens). One
+/// message for all the key's events of a consumer's run; one answer per event, in their order.
 #[derive(Clone, Debug, Message)]
-#[rtype(result = "Result<UsageRecorded, KeyError>")]
+#[rtype(result = "Result<Vec<Result<UsageRecorded, KeyError>>, KeyError>")]
 pub struct RecordUsage {
+    pub events: Vec<UsageToRecord>,
+}
+
+/// What the key actor needs of one usage event.
+#[derive(Clone, Debug)]
+pub struct UsageToRecord {
     pub tokens: i64,
     pub occurred_at: DateTime<Utc>,
     pub reservation_id: Option<String>,
@@ -563,9 +570,21 @@ impl Handler<DeleteKey> for KeyActor {
 }
 
 impl Handler<RecordUsage> for KeyActor {
-    type Result = Result<UsageRecorded, KeyError>;
+    type Result = Result<Vec<Result<UsageRecorded, KeyError>>, KeyError>;
 
+    /// Each event is answered for itself: one the actor cannot count leaves the others counted.
     fn handle(&mut self, msg: RecordUsage, _: &mut Self::Context) -> Self::Result {
+        Ok(msg
+            .events
+            .into_iter()
+            .map(|event| self.record_usage(event))
+            .collect())
+    }
+}
+
+impl KeyActor {
+    /// Takes one usage event in; see [`RecordUsage`].
+    fn record_usage(&mut self, msg: UsageToRecord) -> Result<UsageRecorded, KeyError> {
         if self.resident_now()?.is_none() {
             return Ok(UsageRecorded::UnknownKey);
         }

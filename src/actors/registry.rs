@@ -15,7 +15,8 @@ use sea_orm::DatabaseConnection;
 
 use super::key_actor::{
     CheckQuota, DeleteKey, DescribeKey, ExpireHolds, KeyActor, KeyError, ListHolds, RecordUsage,
-    RefreshKey, StopIfIdle, StopKeyActor, UpdateKey, UsageCommitted, UsageRecorded, WindowRolled,
+    RefreshKey, StopIfIdle, StopKeyActor, UpdateKey, UsageCommitted, UsageRecorded, UsageToRecord,
+    WindowRolled,
 };
 use super::loader::KeyLoader;
 use crate::alerts::Alerts;
@@ -396,23 +397,18 @@ impl KeyRegistry {
         .await
     }
 
-    /// Counts a usage event in the key's memory at once ("read your usage").
+    /// Counts usage events of key `id` in its memory at once ("read your usage"), in order; one
+    /// answer per event. If the actor cannot be reached every event gets its error.
     pub async fn record_usage(
         &self,
         id: i64,
-        tokens: i64,
-        occurred_at: chrono::DateTime<chrono::Utc>,
-        reservation_id: Option<String>,
-    ) -> Result<UsageRecorded, KeyError> {
-        self.send(
-            id,
-            RecordUsage {
-                tokens,
-                occurred_at,
-                reservation_id,
-            },
-        )
-        .await
+        events: Vec<UsageToRecord>,
+    ) -> Vec<Result<UsageRecorded, KeyError>> {
+        let count = events.len();
+        match self.send(id, RecordUsage { events }).await {
+            Ok(answers) => answers,
+            Err(error) => vec![Err(error); count],
+        }
     }
 
     /// The live holds of key `id` from its actor; `None` if the key does not exist.

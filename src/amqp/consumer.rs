@@ -1,6 +1,7 @@
 //! One delivery from a shard queue: answer a check, or take a usage event in (or dead-letter it);
 //! consecutive usage events are taken in together.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use super::control::{self, InternalRequest};
 use super::replies::{validate_reply_to, ReplyChannel};
 use super::topology::{CHECK_EXCHANGE, DEAD_LETTER_QUEUE, ERROR_HEADER, USAGE_EXCHANGE};
 use super::PERSISTENT;
-use crate::actors::key_actor::UsageRecorded;
+use crate::actors::key_actor::{KeyError, UsageRecorded, UsageToRecord};
 use crate::actors::registry::KeyRegistry;
 use crate::clock::SharedClock;
 use crate::domain::batch_plan::PlanRefusal;
@@ -42,9 +43,9 @@ pub struct DeliveryContext {
 }
 
 /// Deliveries a shard loop received together (what lapin had buffered when it looked), taken
-/// in in delivery order. Consecutive counted usage events form a run: their actors are sent
-/// their events one after another, and the run reaches the batch writer as one command, all from
-/// one task, instead of a task, an awaited reply and a writer command per event. Anything else
+/// in in delivery order. Consecutive counted usage events form a run, taken in by one task: each
+/// key's actor gets the key's events in one message, and the run reaches the batch writer as one
+/// command per lane, instead of a task, an actor message and a writer command per event. Anything else
 /// (a check, a refused or empty event) ends the run before it and gets a task of its own, so it
 /// still reaches its actor after the usage delivered before it.
 pub struct Burst<'a> {
@@ -344,24 +345,47 @@ async fn answer_reservations(delivery: Delivery, context: &DeliveryContext) {
 }
 
 /// Counts a run of valid usage events in their keys' memory and hands them to the batch writer
-/// as one command. Every actor is sent its event before any answer is awaited, in delivery order.
+/// as one command. Each key's actor is sent all its events of the run in one message, and every
+/// actor is sent its message before any answer is awaited, in the order of the keys' first events.
 async fn take_usage_run(run: Vec<(UsageEvent, PendingAck)>, context: Arc<DeliveryContext>) {
+    // Each key's events, as positions in the run, keys in the order they first appear.
+    let mut positions_by_key: Vec<(i64, Vec<usize>)> = Vec::new();
+    let mut key_slot: HashMap<i64, usize> = HashMap::with_capacity(run.len());
+    for (position, (event, _)) in run.iter().enumerate() {
+        let slot = *key_slot.entry(event.api_key_id).or_insert_with(|| {
+            positions_by_key.push((event.api_key_id, Vec::new()));
+            positions_by_key.len() - 1
+        });
+        positions_by_key[slot].1.push(position);
+    }
     let registry = &context.registry;
-    let recorded = futures::future::join_all(run.iter().map(|(event, _)| {
-        registry.record_usage(
-            event.api_key_id,
-            event.tokens,
-            event.occurred_at,
-            event.reservation_id.clone(),
-        )
+    let answers = futures::future::join_all(positions_by_key.iter().map(|(key, positions)| {
+        let events = positions
+            .iter()
+            .map(|&position| {
+                let event = &run[position].0;
+                UsageToRecord {
+                    tokens: event.tokens,
+                    occurred_at: event.occurred_at,
+                    reservation_id: event.reservation_id.clone(),
+                }
+            })
+            .collect();
+        registry.record_usage(*key, events)
     }))
     .await;
+    let mut recorded: Vec<Option<Result<UsageRecorded, KeyError>>> = vec![None; run.len()];
+    for ((_, positions), answers) in positions_by_key.iter().zip(answers) {
+        for (&position, answer) in positions.iter().zip(answers) {
+            recorded[position] = Some(answer);
+        }
+    }
     let mut consumed = Vec::with_capacity(run.len());
     let mut overflowing = Vec::new();
     for ((event, ack), recorded) in run.into_iter().zip(recorded) {
         let ticket = match recorded {
-            Ok(UsageRecorded::Pending(ticket)) => Some(ticket),
-            Ok(UsageRecorded::WouldOverflow { used }) => {
+            Some(Ok(UsageRecorded::Pending(ticket))) => Some(ticket),
+            Some(Ok(UsageRecorded::WouldOverflow { used })) => {
                 let reason = PlanRefusal::CounterOverflow {
                     api_key_id: event.api_key_id,
                     used,
@@ -373,7 +397,8 @@ async fn take_usage_run(run: Vec<(UsageEvent, PendingAck)>, context: Arc<Deliver
             // The actor's "unknown" may be a few seconds old (a key just created elsewhere), and
             // a key that could not be loaded may exist: the batch writer decides against the
             // database.
-            Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_) => None,
+            // `None` cannot happen: the registry answers every event of a key.
+            Some(Ok(UsageRecorded::NotPending | UsageRecorded::UnknownKey) | Err(_)) | None => None,
         };
         consumed.push(ConsumedEvent {
             event,

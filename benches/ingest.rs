@@ -113,7 +113,9 @@ async fn declare_plain_queue(channel: &Channel, queue: &str) {
         .expect("queue");
 }
 
-async fn publish_to_queue(url: &str, queue: &str, count: usize, keys: usize) {
+/// Publishes `count` events to `destinations` on a connection of its own (declaring the plain
+/// queues they name), with confirms.
+async fn publish(url: &str, destinations: &[Destination<'_>], count: usize, keys: usize) {
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("broker");
@@ -122,14 +124,18 @@ async fn publish_to_queue(url: &str, queue: &str, count: usize, keys: usize) {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    declare_plain_queue(&channel, queue).await;
-    publish_all(&channel, &[("", Some(queue))], count, keys).await;
-    let _ = connection.close(200, "done".into()).await;
+    for (_, queue) in destinations {
+        if let Some(queue) = queue {
+            declare_plain_queue(&channel, queue).await;
+        }
+    }
+    publish_all(&channel, destinations, count, keys).await;
+    let _ = connection.close(200, "published".into()).await;
 }
 
 /// (a) The limit: consume and acknowledge every message, nothing else.
 async fn bare_drain(url: &str, keys: usize) -> f64 {
-    publish_to_queue(url, "bench.drain", EVENTS, keys).await;
+    publish(url, &[("", Some("bench.drain"))], EVENTS, keys).await;
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("broker");
@@ -233,7 +239,7 @@ async fn bare_consumer_in_own_process(url: &str, queue: &str) -> f64 {
 
 /// (b) One transaction per event: look the event up, read the key, write the new total, commit, ack.
 async fn naive_consumer(url: &str, db: &DatabaseConnection, keys: usize) -> f64 {
-    publish_to_queue(url, "bench.naive", NAIVE_EVENTS, keys).await;
+    publish(url, &[("", Some("bench.naive"))], NAIVE_EVENTS, keys).await;
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("broker");
@@ -339,15 +345,9 @@ async fn round(keys: usize, service_first: bool) -> (f64, f64) {
     quota_keeper::amqp::topology::declare(&connection, settings.amqp.shards)
         .await
         .expect("topology");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    declare_plain_queue(&channel, BARE_QUEUE).await;
+    let _ = connection.close(200, "declared".into()).await;
     let destinations = [("quota.usage", None), ("", Some(BARE_QUEUE))];
-    publish_all(&channel, &destinations, EVENTS, keys).await;
-    let _ = connection.close(200, "published".into()).await;
+    publish(&vhost.url(), &destinations, EVENTS, keys).await;
     broker_settled().await;
 
     let mut consumer = None;

@@ -188,9 +188,10 @@ fn owner_queue_arguments(versioned: bool) -> FieldTable {
 }
 
 /// Declares an owner queue in `QUEUE_VERSION`'s format, or as it is if it was declared before
-/// that format was asked for (RabbitMQ refuses a declaration whose arguments differ): the
-/// service keeps working on it, and the warning names the policy that converts it in place.
-/// Returns the channel to go on with (a refused declaration closes its channel).
+/// that format was asked for: RabbitMQ refuses a declaration whose arguments differ, and if the
+/// declaration without the format is accepted the queue is of the older one. The service keeps
+/// working on it, and the warning names the policy that converts it in place. Returns the
+/// channel to go on with (a refused declaration closes its channel).
 async fn declare_owner_queue(
     connection: &Connection,
     channel: Channel,
@@ -205,7 +206,11 @@ async fn declare_owner_queue(
         .await;
     match declared {
         Ok(_) => Ok(channel),
-        Err(error) if is_other_queue_version(&error) => {
+        Err(error) if is_precondition_failed(&error) => {
+            let channel = connection.create_channel().await?;
+            channel
+                .queue_declare(queue.into(), durable, owner_queue_arguments(false))
+                .await?;
             if !WARNED_OLD_QUEUE_VERSION.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     queue,
@@ -214,23 +219,18 @@ async fn declare_owner_queue(
                     QUEUE_VERSION_POLICY_COMMAND
                 );
             }
-            let channel = connection.create_channel().await?;
-            channel
-                .queue_declare(queue.into(), durable, owner_queue_arguments(false))
-                .await?;
             Ok(channel)
         }
         Err(error) => Err(error),
     }
 }
 
-/// The broker's answer to a declaration of an existing queue without its `x-queue-version`.
-fn is_other_queue_version(error: &lapin::Error) -> bool {
+/// The broker's answer to a declaration whose arguments differ from the existing queue's.
+fn is_precondition_failed(error: &lapin::Error) -> bool {
     matches!(
         error.kind(),
         ErrorKind::ProtocolError(amqp)
             if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
-                && amqp.get_message().as_str().contains(QUEUE_VERSION_ARGUMENT)
     )
 }
 

@@ -41,7 +41,8 @@ enum LaneItem {
 }
 
 enum Command {
-    Item(LaneItem),
+    /// A hold granted by a key actor.
+    Hold(HoldChange),
     /// Usage events consumed together, in delivery order.
     Events(Vec<ConsumedEvent>),
     Flush(oneshot::Sender<()>),
@@ -108,7 +109,7 @@ impl WeakBatchWriterHandle {
         let lane = lane_of(api_key_id, self.lanes.len());
         self.lanes[lane]
             .upgrade()
-            .is_some_and(|sender| sender.send(Command::Item(LaneItem::Hold(change))).is_ok())
+            .is_some_and(|sender| sender.send(Command::Hold(change)).is_ok())
     }
 }
 
@@ -162,7 +163,10 @@ impl<S: BatchStore, L: CommitListener> BatchWriter<S, L> {
                 None => commands.recv().await,
             };
             match command {
-                Some(Command::Item(item)) => self.add(&mut batch, &mut deadline, item).await,
+                Some(Command::Hold(change)) => {
+                    self.add(&mut batch, &mut deadline, LaneItem::Hold(change))
+                        .await
+                }
                 Some(Command::Events(events)) => {
                     for event in events {
                         self.add(&mut batch, &mut deadline, LaneItem::Event(event))
@@ -535,16 +539,7 @@ mod tests {
 
     impl Harness {
         fn submit(&self, id: &str, api_key_id: i64, tokens: i64) {
-            self.submit_event(
-                UsageEvent {
-                    event_id: id.to_string(),
-                    api_key_id,
-                    tokens,
-                    occurred_at: now(),
-                    reservation_id: None,
-                },
-                None,
-            );
+            self.submit_event(usage_event(id, api_key_id, tokens), None);
         }
 
         fn submit_event(&self, event: UsageEvent, ticket: Option<PendingTicket>) {
@@ -555,16 +550,7 @@ mod tests {
         fn submit_run(&self, events: &[(String, i64)]) {
             let run = events
                 .iter()
-                .map(|(id, api_key_id)| {
-                    let event = UsageEvent {
-                        event_id: id.clone(),
-                        api_key_id: *api_key_id,
-                        tokens: 1,
-                        occurred_at: now(),
-                        reservation_id: None,
-                    };
-                    self.consumed(event, None)
-                })
+                .map(|(id, api_key_id)| self.consumed(usage_event(id, *api_key_id, 1), None))
                 .collect();
             self.handle.submit_all(run);
         }
@@ -591,6 +577,17 @@ mod tests {
                 }
             }
             got
+        }
+    }
+
+    /// An event of `tokens` for key `api_key_id`, occurring now, naming no hold.
+    fn usage_event(id: &str, api_key_id: i64, tokens: i64) -> UsageEvent {
+        UsageEvent {
+            event_id: id.to_string(),
+            api_key_id,
+            tokens,
+            occurred_at: now(),
+            reservation_id: None,
         }
     }
 

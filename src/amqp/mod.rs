@@ -145,7 +145,9 @@ impl AmqpService {
         let _stop_shard_loops = session_over.clone().drop_guard();
         let (ended, mut shard_ended) = mpsc::unbounded_channel();
         let shard_loops = TaskTracker::new();
-        let mut lanes = Vec::with_capacity(lane_count);
+        // Every lane opens at once, each on its arbiter: a start or a reconnect waits for the
+        // slowest lane, not for all of them one after the other.
+        let mut opening = Vec::with_capacity(lane_count);
         for index in 0..lane_count {
             let plan = LanePlan {
                 index,
@@ -167,21 +169,29 @@ impl AmqpService {
                 ended: ended.clone(),
             };
             let (opened, lane) = oneshot::channel();
-            let lane = if self
+            let spawned = self
                 .registry
-                .spawn_on_arbiter(index, open_lane(plan, opened))
-            {
-                lane.await.unwrap_or(Err(SessionError::ArbitersStopped))
-            } else {
-                Err(SessionError::ArbitersStopped)
+                .spawn_on_arbiter(index, open_lane(plan, opened));
+            opening.push(spawned.then_some(lane));
+        }
+        // All awaited even after a failure: the lanes that did open are closed with the rest.
+        let mut lanes = Vec::with_capacity(lane_count);
+        let mut failure = None;
+        for lane in opening {
+            let lane = match lane {
+                Some(lane) => lane.await.unwrap_or(Err(SessionError::ArbitersStopped)),
+                None => Err(SessionError::ArbitersStopped),
             };
             match lane {
                 Ok(lane) => lanes.push(lane),
                 Err(error) => {
-                    close_lanes(&lanes).await;
-                    return Err(error);
+                    failure.get_or_insert(error);
                 }
             }
+        }
+        if let Some(error) = failure {
+            close_lanes(&lanes).await;
+            return Err(error);
         }
         // Heard by the others only now that this instance waits on every shard queue.
         let opened =
@@ -276,9 +286,8 @@ async fn open_lane(plan: LanePlan, opened: oneshot::Sender<Result<Lane, SessionE
     let _ = opened.send(connect_lane(plan).await.map_err(SessionError::from));
 }
 
-/// Opens the lane's connection and the channels its shards share, and starts the shard loops.
+/// Opens the lane's connection and starts its shard loops; a lane that fails half-way is closed.
 async fn connect_lane(plan: LanePlan) -> Result<Lane, lapin::Error> {
-    let settings = &plan.settings;
     let connection = Arc::new(
         Connection::connect(
             &plan.url,
@@ -287,7 +296,20 @@ async fn connect_lane(plan: LanePlan) -> Result<Lane, lapin::Error> {
         )
         .await?,
     );
-    let replies = Arc::new(replies::ReplyChannel::open(Arc::clone(&connection)).await?);
+    match start_shard_loops(&connection, plan).await {
+        Ok(()) => Ok(Lane { connection }),
+        Err(error) => {
+            let close = connection.close(200, "lane not opened".into());
+            let _ = tokio::time::timeout(CONNECTION_CLOSE_TIMEOUT, close).await;
+            Err(error)
+        }
+    }
+}
+
+/// Opens the channels the lane's shards share and consumes every shard queue of the lane.
+async fn start_shard_loops(connection: &Arc<Connection>, plan: LanePlan) -> lapin::Result<()> {
+    let settings = &plan.settings;
+    let replies = Arc::new(replies::ReplyChannel::open(Arc::clone(connection)).await?);
     let dead_letters = Arc::new(connection.create_channel().await?);
     dead_letters
         .confirm_select(ConfirmSelectOptions::default())
@@ -295,7 +317,7 @@ async fn connect_lane(plan: LanePlan) -> Result<Lane, lapin::Error> {
     let shard_loop = |shard: u16, queue: String| ShardLoop {
         shard,
         queue,
-        connection: Arc::clone(&connection),
+        connection: Arc::clone(connection),
         prefetch: settings.prefetch,
         context: Arc::new(DeliveryContext {
             registry: plan.registry.on_shard(shard),
@@ -308,19 +330,28 @@ async fn connect_lane(plan: LanePlan) -> Result<Lane, lapin::Error> {
         stop: plan.stop.clone(),
         ended: plan.ended.clone(),
     };
-    for shard in plan.shards {
-        let shard_loop = shard_loop(shard, plan.layout.queue(shard));
-        // Waiting on every shard queue before the lane counts as open, so the session's
-        // consumers are all in place when it reports ready.
-        let consumer = consume(&connection, &shard_loop.queue, settings.prefetch).await?;
+    // Waiting on every shard queue before the lane counts as open, so the session's consumers
+    // are all in place when it reports ready; the queues are asked for at once, not in turn.
+    let shard_loops: Vec<ShardLoop> = plan
+        .shards
+        .iter()
+        .map(|&shard| shard_loop(shard, plan.layout.queue(shard)))
+        .collect();
+    let consumers = futures::future::try_join_all(
+        shard_loops
+            .iter()
+            .map(|shard_loop| consume(connection, &shard_loop.queue, settings.prefetch)),
+    )
+    .await?;
+    for (shard_loop, consumer) in shard_loops.into_iter().zip(consumers) {
         plan.shard_loops.spawn(shard_loop.run(consumer));
     }
     if plan.drain_single_queue {
         let drain = shard_loop(DRAINED_SHARD, topology::SINGLE_QUEUE.to_string());
-        let consumer = consume(&connection, &drain.queue, settings.prefetch).await?;
+        let consumer = consume(connection, &drain.queue, settings.prefetch).await?;
         plan.shard_loops.spawn(drain.drain(consumer));
     }
-    Ok(Lane { connection })
+    Ok(())
 }
 
 /// Opens a channel and consumes `queue` on it (as a waiting consumer until the broker makes it

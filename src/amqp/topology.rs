@@ -251,7 +251,7 @@ async fn declare_shard_exchange(channel: &Channel) -> lapin::Result<()> {
 
 async fn declare_shards(
     connection: &Connection,
-    mut channel: Channel,
+    channel: Channel,
     shards: u16,
 ) -> lapin::Result<()> {
     for public in [USAGE_EXCHANGE, CHECK_EXCHANGE] {
@@ -266,10 +266,19 @@ async fn declare_shards(
             )
             .await?;
     }
-    for shard in 0..shards {
-        let queue = shard_queue_name(shard);
-        channel = declare_owner_queue(connection, channel, &queue).await?;
-        // Binding key = weight on the consistent-hash ring; equal weights spread keys evenly.
+    let queues: Vec<String> = (0..shards).map(shard_queue_name).collect();
+    // Declared at once, each on a channel of its own (a refused declaration closes its channel):
+    // a start or a reconnect waits for one round trip instead of one per queue.
+    futures::future::try_join_all(queues.iter().map(|queue| async move {
+        let channel = connection.create_channel().await?;
+        let channel = declare_owner_queue(connection, channel, queue).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok::<_, lapin::Error>(())
+    }))
+    .await?;
+    // Bound one after the other in shard order: the ring is built in the order of its bindings
+    // (TOPOLOGY.md). Binding key = weight on the ring; equal weights spread keys evenly.
+    for queue in &queues {
         channel
             .queue_bind(
                 queue.as_str().into(),

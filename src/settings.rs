@@ -173,7 +173,8 @@ impl Default for IngestSettings {
 pub struct ActorSettings {
     /// A key actor with no traffic and nothing pending for this long stops.
     pub idle_timeout_secs: u64,
-    /// Threads that run key actors; 0 means one per core.
+    /// Threads that run key actors, each with its own broker connection; 0 means one per two
+    /// cores (at least one).
     pub arbiters: usize,
 }
 

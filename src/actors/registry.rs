@@ -163,6 +163,14 @@ fn record_check(result: &Result<CheckReply, KeyError>, started: std::time::Insta
         .record(started.elapsed().as_secs_f64());
 }
 
+/// Arbiters on a host of `cores` cores when `actors.arbiters` is 0: one per two cores, at least
+/// one. Each arbiter consumes over a broker connection of its own, and lapin's I/O thread of that
+/// connection is about as busy as the arbiter, so one per core ran twice as many busy threads as
+/// cores (BENCHMARKS.md, session 7).
+pub fn default_arbiters(cores: usize) -> usize {
+    (cores / 2).max(1)
+}
+
 /// Locks one stripe of the id → actor map.
 fn lock(stripe: &Mutex<HashMap<i64, Entry>>) -> MutexGuard<'_, HashMap<i64, Entry>> {
     stripe
@@ -181,7 +189,7 @@ pub struct KeyRegistry {
 }
 
 impl KeyRegistry {
-    /// Starts `arbiters` threads (0: one per core) to run key actors, and the idle sweeper.
+    /// Starts `arbiters` threads (0: [`default_arbiters`]) to run key actors, and the idle sweeper.
     /// Must run inside an actix `System`.
     pub fn start(
         db: DatabaseConnection,
@@ -192,7 +200,7 @@ impl KeyRegistry {
         alerts: Alerts,
     ) -> KeyRegistry {
         let count = if arbiters == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            default_arbiters(std::thread::available_parallelism().map_or(1, |n| n.get()))
         } else {
             arbiters
         };
@@ -580,5 +588,20 @@ impl KeyRegistry {
                 addr.do_send(StopKeyActor);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_arbiters;
+
+    #[test]
+    fn one_arbiter_per_two_cores_and_never_none() {
+        assert_eq!(default_arbiters(0), 1);
+        assert_eq!(default_arbiters(1), 1);
+        assert_eq!(default_arbiters(2), 1);
+        assert_eq!(default_arbiters(3), 1);
+        assert_eq!(default_arbiters(4), 2);
+        assert_eq!(default_arbiters(16), 8);
     }
 }

@@ -59,6 +59,8 @@ pub fn test_settings(database_url: &str) -> Settings {
     // Tests that need the broker turn it on with their own vhost (`spawn_app_with_broker`).
     settings.amqp.enabled = false;
     settings.amqp.shards = 4;
+    // Two broker connections whatever the machine, so the tests cross lanes.
+    settings.actors.arbiters = 2;
     settings.amqp.prefetch = 2_000;
     settings.amqp.reconnect_max_backoff_ms = 1_000;
     settings.ingest.flush_interval_ms = 50;

@@ -32,6 +32,8 @@ impl Scenario {
             ("QUOTA__DATABASE__URL".into(), database.url.clone()),
             ("QUOTA__AMQP__URL".into(), vhost.url()),
             ("QUOTA__AMQP__SHARDS".into(), "4".into()),
+            // Two broker connections whatever the machine, so the tests cross lanes.
+            ("QUOTA__ACTORS__ARBITERS".into(), "2".into()),
             ("QUOTA__AMQP__PREFETCH".into(), "2000".into()),
             (
                 "QUOTA__AMQP__RECONNECT_MAX_BACKOFF_MS".into(),

@@ -1,6 +1,7 @@
 //! Ingestion benchmark: events queued → committed, against (a) a bare lapin consumer draining the same
-//! persistent messages, (b) a naive consumer with one read-modify-write transaction per event and
-//! (c) a bare consumer in its own process that parses each body and acknowledges in batches.
+//! persistent messages, (b) a naive consumer with one read-modify-write transaction per event,
+//! (c) a bare consumer in its own process that parses each body and acknowledges in batches, and
+//! (d) that consumer on queues declared like the service's shard queues.
 //!
 //! Run: `cargo bench --bench ingest` (PostgreSQL and RabbitMQ as in the README).
 
@@ -20,13 +21,15 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use quota_keeper::clock::SystemClock;
 use quota_keeper::startup::Application;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use support::{bench_environment, insert_keys};
 
+/// Clock ticks per second of `/proc/<pid>/stat` on Linux (`getconf CLK_TCK`).
+const TICKS_PER_SECOND: f64 = 100.0;
 /// Events per run of the service and of the bare drain.
 const EVENTS: usize = 100_000;
 /// Events per run of the naive consumer (it is slow; its rate is what counts).
@@ -43,11 +46,12 @@ const BARE_CONSUMER_ACK_EVERY: usize = 200;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|arg| arg == BARE_CONSUMER_ARG) {
-        let (url, queue) = (&args[at + 1], &args[at + 2]);
+        let (url, queues) = (&args[at + 1], &args[at + 2]);
+        let queues: Vec<&str> = queues.split(',').collect();
         // The runtime `#[tokio::main]` gives a plain consumer.
         let rate = tokio::runtime::Runtime::new()
             .expect("a runtime")
-            .block_on(bare_consumer(url, queue));
+            .block_on(bare_consumer(url, &queues));
         println!("{rate}");
         return;
     }
@@ -59,12 +63,24 @@ fn event_body(i: usize, keys: usize) -> Vec<u8> {
     format!(r#"{{"event_id": "e-{i}", "api_key_id": {key}, "tokens": 3}}"#).into_bytes()
 }
 
-/// Where a copy of each event goes: an exchange and, for the default exchange, the queue.
-type Destination<'a> = (&'a str, Option<&'a str>);
+/// Where a copy of each event goes.
+#[derive(Clone, Copy)]
+enum Destination<'a> {
+    /// An exchange, with the key id as routing key.
+    Exchange(&'a str),
+    /// A plain durable queue, through the default exchange.
+    Queue(&'a str),
+    /// The queues of (d), through the default exchange: key id modulo their count.
+    LayoutQueues(usize),
+}
+
+/// The name of queue `index` of (d).
+fn layout_queue(index: usize) -> String {
+    format!("bench.layout.{index:03}")
+}
 
 /// Publishes `count` persistent events with confirms, `PUBLISH_CHUNK` outstanding at a time, each
-/// to every destination in turn: to an exchange with the key id as routing key, or through the
-/// default exchange to a queue. Interleaved, so every destination's messages are as old when the
+/// to every destination in turn. Interleaved, so every destination's messages are as old when the
 /// consumers start (the broker keeps writing persistent messages for a while after their confirms).
 async fn publish_all(
     channel: &Channel,
@@ -74,10 +90,12 @@ async fn publish_all(
 ) {
     let mut confirms = Vec::with_capacity(PUBLISH_CHUNK);
     for i in 0..count {
-        for &(exchange, queue) in destinations {
-            let routing_key = match queue {
-                Some(queue) => queue.to_string(),
-                None => ((i % keys) + 1).to_string(),
+        let key = (i % keys) + 1;
+        for &destination in destinations {
+            let (exchange, routing_key) = match destination {
+                Destination::Exchange(exchange) => (exchange, key.to_string()),
+                Destination::Queue(queue) => ("", queue.to_string()),
+                Destination::LayoutQueues(count) => ("", layout_queue(key % count)),
             };
             let confirm = channel
                 .basic_publish(
@@ -99,7 +117,7 @@ async fn publish_all(
     }
 }
 
-async fn declare_plain_queue(channel: &Channel, queue: &str) {
+async fn declare_queue(channel: &Channel, queue: &str, arguments: FieldTable) {
     channel
         .queue_declare(
             queue.into(),
@@ -107,10 +125,20 @@ async fn declare_plain_queue(channel: &Channel, queue: &str) {
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            arguments,
         )
         .await
         .expect("queue");
+}
+
+/// The arguments `src/amqp/topology.rs` declares the shard queues with: one active consumer,
+/// a priority for checks, the broker's second queue format.
+fn shard_queue_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    arguments.insert("x-max-priority".into(), AMQPValue::LongInt(1));
+    arguments.insert("x-queue-version".into(), AMQPValue::LongInt(2));
+    arguments
 }
 
 /// Publishes `count` events to `destinations` on a connection of its own (declaring the plain
@@ -124,9 +152,17 @@ async fn publish(url: &str, destinations: &[Destination<'_>], count: usize, keys
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    for (_, queue) in destinations {
-        if let Some(queue) = queue {
-            declare_plain_queue(&channel, queue).await;
+    for destination in destinations {
+        match *destination {
+            Destination::Exchange(_) => {}
+            Destination::Queue(queue) => {
+                declare_queue(&channel, queue, FieldTable::default()).await
+            }
+            Destination::LayoutQueues(count) => {
+                for index in 0..count {
+                    declare_queue(&channel, &layout_queue(index), shard_queue_arguments()).await;
+                }
+            }
         }
     }
     publish_all(&channel, destinations, count, keys).await;
@@ -135,7 +171,7 @@ async fn publish(url: &str, destinations: &[Destination<'_>], count: usize, keys
 
 /// (a) The limit: consume and acknowledge every message, nothing else.
 async fn bare_drain(url: &str, keys: usize) -> f64 {
-    publish(url, &[("", Some("bench.drain"))], EVENTS, keys).await;
+    publish(url, &[Destination::Queue("bench.drain")], EVENTS, keys).await;
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("broker");
@@ -179,50 +215,78 @@ struct BareEvent {
 }
 
 /// (c) The broker's pace as a user would measure it, in this binary's child process (so it shares
-/// no runtime or allocator with the parent): `EVENTS` messages already queued in `queue`, each body
-/// parsed, every `BARE_CONSUMER_ACK_EVERY`th delivery (and the last) acknowledged with `multiple`.
-/// Timed from connecting to the last ack, as the service is from its start to its last commit.
-async fn bare_consumer(url: &str, queue: &str) -> f64 {
+/// no runtime or allocator with the parent): `EVENTS` messages already queued in `queues` (each
+/// consumed on a channel of its own), each body parsed, every `BARE_CONSUMER_ACK_EVERY`th delivery
+/// of a channel (and its last) acknowledged with `multiple`. Timed from connecting to the last
+/// ack, as the service is from its start to its last commit.
+async fn bare_consumer(url: &str, queues: &[&str]) -> f64 {
     let started = Instant::now();
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .basic_qos(BARE_CONSUMER_PREFETCH, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "bare".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
-    for received in 1..=EVENTS {
-        let delivery = consumer.next().await.expect("open").expect("delivery");
+    let mut channels = Vec::with_capacity(queues.len());
+    let mut consumers = Vec::with_capacity(queues.len());
+    for (index, queue) in queues.iter().enumerate() {
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .basic_qos(BARE_CONSUMER_PREFETCH, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let consumer = channel
+            .basic_consume(
+                (*queue).into(),
+                "bare".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        consumers.push(consumer.map(move |delivery| (index, delivery)));
+        channels.push(channel);
+    }
+    let mut deliveries = futures::stream::select_all(consumers);
+    // Per channel: deliveries since its last ack, and the last of them.
+    let mut unacknowledged: Vec<(usize, Option<lapin::Acker>)> =
+        queues.iter().map(|_| (0, None)).collect();
+    for _ in 0..EVENTS {
+        let (index, delivery) = deliveries.next().await.expect("open");
+        let delivery = delivery.expect("delivery");
         let event: BareEvent = serde_json::from_slice(&delivery.data).expect("a usage event");
         std::hint::black_box(event);
-        if received % BARE_CONSUMER_ACK_EVERY == 0 || received == EVENTS {
+        let (count, last) = &mut unacknowledged[index];
+        *count += 1;
+        if *count == BARE_CONSUMER_ACK_EVERY {
+            *count = 0;
+            *last = None;
             delivery
                 .acker
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
+        } else {
+            *last = Some(delivery.acker);
+        }
+    }
+    for (_, last) in unacknowledged {
+        if let Some(acker) = last {
+            acker
                 .ack(BasicAckOptions { multiple: true })
                 .await
                 .expect("ack");
         }
     }
     let rate = EVENTS as f64 / started.elapsed().as_secs_f64();
+    drop(channels);
     let _ = connection.close(200, "done".into()).await;
     rate
 }
 
-/// Runs [`bare_consumer`] on the `EVENTS` events queued in `queue`, in a child process (this
-/// binary, re-executed), and returns the rate it prints.
-async fn bare_consumer_in_own_process(url: &str, queue: &str) -> f64 {
+/// Runs [`bare_consumer`] on the `EVENTS` events queued in `queues`, in a child process (this
+/// binary, re-executed); returns the rate it prints and the broker's CPU per event meanwhile.
+async fn bare_consumer_in_own_process(url: &str, queues: &[String]) -> Run {
+    let broker_before = broker_cpu_ticks();
     let output = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
-        .args([BARE_CONSUMER_ARG, url, queue])
+        .args([BARE_CONSUMER_ARG, url, &queues.join(",")])
         .output()
         .await
         .expect("the bare consumer runs");
@@ -231,15 +295,18 @@ async fn bare_consumer_in_own_process(url: &str, queue: &str) -> f64 {
         "bare consumer failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .parse()
-        .expect("the bare consumer prints its rate")
+    Run {
+        rate: String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("the bare consumer prints its rate"),
+        broker_micros_per_event: broker_micros_per_event(broker_before),
+    }
 }
 
 /// (b) One transaction per event: look the event up, read the key, write the new total, commit, ack.
 async fn naive_consumer(url: &str, db: &DatabaseConnection, keys: usize) -> f64 {
-    publish(url, &[("", Some("bench.naive"))], NAIVE_EVENTS, keys).await;
+    publish(url, &[Destination::Queue("bench.naive")], NAIVE_EVENTS, keys).await;
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("broker");
@@ -325,13 +392,56 @@ async fn total_used(db: &DatabaseConnection) -> i64 {
     row.try_get_by_index(0).expect("sum")
 }
 
-/// One round: `EVENTS` events queued for the service (through its exchange, on its shard queues)
-/// and the same events in a plain durable queue of the same vhost, published interleaved; once
-/// the broker has finished writing them, (c) drains the plain queue and the service is timed
-/// from its start until all its events are
-/// committed, one right after the other (seconds apart, so the machine's drift between them stays
-/// small), in the order given. The service is stopped at the end. Returns (service, (c)) events/s.
-async fn round(keys: usize, service_first: bool) -> (f64, f64) {
+/// Waits until every key's counter adds up to `expected`. The sum reads every key's row: every
+/// 100 ms until 90 % is there, then as often as four times its own duration allows (at least
+/// every 10 ms), so the end is seen within a few ms without taking much from the service.
+async fn wait_for_total(db: &DatabaseConnection, expected: i64) {
+    loop {
+        let asked = Instant::now();
+        let total = total_used(db).await;
+        if total == expected {
+            return;
+        }
+        let pause = if total * 10 < expected * 9 {
+            Duration::from_millis(100)
+        } else {
+            (asked.elapsed() * 4).max(Duration::from_millis(10))
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// A timed run: events per second, and the broker's CPU per event meanwhile.
+#[derive(Clone, Copy)]
+struct Run {
+    rate: f64,
+    broker_micros_per_event: f64,
+}
+
+/// What a round times; each round starts with a different one.
+#[derive(Clone, Copy)]
+enum Contender {
+    Service,
+    /// (c) on one plain queue.
+    BareConsumer,
+    /// (d) on queues like the service's.
+    BareOnLayout,
+}
+
+/// One round's three runs.
+struct RoundRuns {
+    service: Run,
+    bare_consumer: Run,
+    bare_on_layout: Run,
+}
+
+/// One round: `EVENTS` events queued for the service (through its exchange, on its shard queues),
+/// the same events in a plain durable queue (c) and in as many queues as the service has shards,
+/// declared like them (d), all in one vhost, published interleaved; once the broker has finished
+/// writing them, the three are timed one right after the other (seconds apart, so the machine's
+/// drift between them stays small), starting with `first`; the service from its start until all
+/// its events are committed, then stopped.
+async fn round(keys: usize, first: usize) -> RoundRuns {
     const BARE_QUEUE: &str = "bench.bare-consumer";
     let (_database, vhost, settings) = bench_environment().await;
     let db = quota_keeper::db::connect_and_migrate(&settings.database)
@@ -346,37 +456,76 @@ async fn round(keys: usize, service_first: bool) -> (f64, f64) {
         .await
         .expect("topology");
     let _ = connection.close(200, "declared".into()).await;
-    let destinations = [("quota.usage", None), ("", Some(BARE_QUEUE))];
+    let shards = usize::from(settings.amqp.shards);
+    let destinations = [
+        Destination::Exchange("quota.usage"),
+        Destination::Queue(BARE_QUEUE),
+        Destination::LayoutQueues(shards),
+    ];
     publish(&vhost.url(), &destinations, EVENTS, keys).await;
     broker_settled().await;
 
-    let mut consumer = None;
-    if !service_first {
-        consumer = Some(bare_consumer_in_own_process(&vhost.url(), BARE_QUEUE).await);
+    let layout_queues: Vec<String> = (0..shards).map(layout_queue).collect();
+    let mut order = [
+        Contender::Service,
+        Contender::BareConsumer,
+        Contender::BareOnLayout,
+    ];
+    let contenders = order.len();
+    order.rotate_left(first % contenders);
+    let (mut service, mut bare_consumer, mut bare_on_layout) = (None, None, None);
+    for contender in order {
+        match contender {
+            Contender::Service => service = Some(service_run(&settings, &db).await),
+            Contender::BareConsumer => {
+                let queues = [BARE_QUEUE.to_string()];
+                bare_consumer = Some(bare_consumer_in_own_process(&vhost.url(), &queues).await)
+            }
+            Contender::BareOnLayout => {
+                bare_on_layout =
+                    Some(bare_consumer_in_own_process(&vhost.url(), &layout_queues).await)
+            }
+        }
     }
+    RoundRuns {
+        service: service.expect("the service ran"),
+        bare_consumer: bare_consumer.expect("(c) ran"),
+        bare_on_layout: bare_on_layout.expect("(d) ran"),
+    }
+}
+
+/// Starts the service on the queued events, times it until they are all committed, stops it.
+async fn service_run(settings: &quota_keeper::settings::Settings, db: &DatabaseConnection) -> Run {
     let expected = 3 * EVENTS as i64;
+    let broker_before = broker_cpu_ticks();
     let started = Instant::now();
-    let app = Application::build(settings, Arc::new(SystemClock))
+    let app = Application::build(settings.clone(), Arc::new(SystemClock))
         .await
         .expect("app");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = actix_web::rt::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
-    // Every 100 ms: the sum reads every key's row, and polling it more often would take CPU from
-    // the service being measured (the end is seen at most 100 ms late, 5 % of the shortest run).
-    while total_used(&db).await != expected {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let service = EVENTS as f64 / started.elapsed().as_secs_f64();
+    wait_for_total(db, expected).await;
+    let rate = EVENTS as f64 / started.elapsed().as_secs_f64();
+    let broker_micros_per_event = broker_micros_per_event(broker_before);
     // Stopped before anything else is measured, so nothing of it runs alongside.
     let _ = stop.send(());
     let _ = running.await;
-    let consumer = match consumer {
-        Some(rate) => rate,
-        None => bare_consumer_in_own_process(&vhost.url(), BARE_QUEUE).await,
-    };
-    (service, consumer)
+    Run {
+        rate,
+        broker_micros_per_event,
+    }
+}
+
+/// The broker's CPU since `before` (ticks), per event of a run; NaN if it cannot be read.
+fn broker_micros_per_event(before: Option<u64>) -> f64 {
+    match (before, broker_cpu_ticks()) {
+        (Some(before), Some(after)) => {
+            (after - before) as f64 / TICKS_PER_SECOND * 1e6 / EVENTS as f64
+        }
+        _ => f64::NAN,
+    }
 }
 
 /// The broker's CPU time so far (all its threads), from `/proc`; `None` if it cannot be read.
@@ -403,8 +552,6 @@ fn broker_cpu_ticks() -> Option<u64> {
 /// queue's writes. Idle = under 5 % of a core for 500 ms; 30 s at most.
 async fn broker_settled() {
     const WINDOW: Duration = Duration::from_millis(500);
-    // Clock ticks per second on Linux (`getconf CLK_TCK`).
-    const TICKS_PER_SECOND: f64 = 100.0;
     let deadline = Instant::now() + Duration::from_secs(30);
     let Some(mut before) = broker_cpu_ticks() else {
         return;
@@ -432,15 +579,12 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// Every rate for `keys` distinct keys: `ROUNDS` rounds of the service and (c), then (a) and (b).
+/// Every rate for `keys` distinct keys: `ROUNDS` rounds of the service, (c) and (d), then (a) and (b).
 async fn measure(keys: usize) -> Rates {
-    let mut service = Vec::with_capacity(ROUNDS);
-    let mut consumer = Vec::with_capacity(ROUNDS);
+    let mut rounds = Vec::with_capacity(ROUNDS);
     for index in 0..ROUNDS {
-        // Each goes first in turn: the one that runs second finds its messages older.
-        let (service_rate, consumer_rate) = round(keys, index % 2 == 1).await;
-        service.push(service_rate);
-        consumer.push(consumer_rate);
+        // Each goes first in turn: the ones that run later find their messages older.
+        rounds.push(round(keys, index).await);
     }
     let (_database, vhost, settings) = bench_environment().await;
     let db = quota_keeper::db::connect_and_migrate(&settings.database)
@@ -450,8 +594,7 @@ async fn measure(keys: usize) -> Rates {
     let bare = bare_drain(&vhost.url(), keys).await;
     let naive = naive_consumer(&vhost.url(), &db, keys).await;
     Rates {
-        service,
-        consumer,
+        rounds,
         bare,
         naive,
     }
@@ -459,21 +602,37 @@ async fn measure(keys: usize) -> Rates {
 
 /// Events per second of the service and of each baseline, for one key count.
 struct Rates {
-    /// One per round.
-    service: Vec<f64>,
-    /// (c), one per round.
-    consumer: Vec<f64>,
+    rounds: Vec<RoundRuns>,
     bare: f64,
     naive: f64,
+}
+
+/// The median of `of` over `rounds`.
+fn median_of(rounds: &[RoundRuns], of: impl Fn(&RoundRuns) -> f64) -> f64 {
+    median(rounds.iter().map(of).collect())
+}
+
+/// `median (each round's)` of the service's rate against `baseline`'s, round by round.
+fn ratios(rounds: &[RoundRuns], baseline: impl Fn(&RoundRuns) -> Run) -> String {
+    let each: Vec<f64> = rounds
+        .iter()
+        .map(|runs| runs.service.rate / baseline(runs).rate)
+        .collect();
+    let listed = each
+        .iter()
+        .map(|ratio| format!("{ratio:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("{:.2}x ({listed})", median(each))
 }
 
 async fn run() {
     println!(
         "## Ingestion: {EVENTS} persistent events queued → committed (naive: {NAIVE_EVENTS}); \
-         quota-keeper and the bare consumer: medians of {ROUNDS} rounds\n"
+         quota-keeper, (c) and (d): medians of {ROUNDS} rounds\n"
     );
-    println!("| distinct keys | quota-keeper events/s | bare consumer events/s | bare drain events/s | naive events/s | vs bare consumer (rounds) | vs bare | vs naive |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| distinct keys | quota-keeper events/s | (c) bare consumer events/s | (d) bare consumer, service's queues events/s | (a) bare drain events/s | (b) naive events/s | vs (c) (rounds) | vs (d) (rounds) | vs (a) | vs (b) | broker CPU µs/event: quota-keeper, (c), (d) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     // `cargo bench --bench ingest -- 100000` runs only the given key counts.
     let requested: Vec<usize> = std::env::args()
         .skip(1)
@@ -486,27 +645,21 @@ async fn run() {
     };
     for keys in key_counts {
         let rates = measure(keys).await;
-        let ratios: Vec<f64> = rates
-            .service
-            .iter()
-            .zip(&rates.consumer)
-            .map(|(service, consumer)| service / consumer)
-            .collect();
-        let each_round = ratios
-            .iter()
-            .map(|ratio| format!("{ratio:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let service = median(rates.service);
+        let rounds = &rates.rounds;
+        let service = median_of(rounds, |runs| runs.service.rate);
         println!(
-            "| {keys} | {service:.0} | {:.0} | {:.0} | {:.0} | {:.2}x ({each_round}) | {:.2}x | {:.1}x |",
-            median(rates.consumer),
+            "| {keys} | {service:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.2}x | {:.1}x | {:.1}, {:.1}, {:.1} |",
+            median_of(rounds, |runs| runs.bare_consumer.rate),
+            median_of(rounds, |runs| runs.bare_on_layout.rate),
             rates.bare,
             rates.naive,
-            median(ratios),
+            ratios(rounds, |runs| runs.bare_consumer),
+            ratios(rounds, |runs| runs.bare_on_layout),
             service / rates.bare,
-            service / rates.naive
+            service / rates.naive,
+            median_of(rounds, |runs| runs.service.broker_micros_per_event),
+            median_of(rounds, |runs| runs.bare_consumer.broker_micros_per_event),
+            median_of(rounds, |runs| runs.bare_on_layout.broker_micros_per_event),
         );
     }
-    actix::System::current().stop();
 }

@@ -49,10 +49,12 @@ fn main() {
         let (url, queues) = (&args[at + 1], &args[at + 2]);
         let queues: Vec<&str> = queues.split(',').collect();
         // The runtime `#[tokio::main]` gives a plain consumer.
+        let before = cpu_ticks(Party::Own);
         let rate = tokio::runtime::Runtime::new()
             .expect("a runtime")
             .block_on(bare_consumer(url, &queues));
-        println!("{rate}");
+        // Its rate, and the CPU it took per event (NaN if unknown).
+        println!("{rate} {}", micros_per_event(before, cpu_ticks(Party::Own)));
         return;
     }
     actix_web::rt::System::new().block_on(run());
@@ -282,9 +284,9 @@ async fn bare_consumer(url: &str, queues: &[&str]) -> f64 {
 }
 
 /// Runs [`bare_consumer`] on the `EVENTS` events queued in `queues`, in a child process (this
-/// binary, re-executed); returns the rate it prints and the broker's CPU per event meanwhile.
+/// binary, re-executed); returns the rate and CPU per event it prints, with the broker's.
 async fn bare_consumer_in_own_process(url: &str, queues: &[String]) -> Run {
-    let broker_before = broker_cpu_ticks();
+    let broker_before = cpu_ticks(Party::Broker);
     let output = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
         .args([BARE_CONSUMER_ARG, url, &queues.join(",")])
         .output()
@@ -295,18 +297,32 @@ async fn bare_consumer_in_own_process(url: &str, queues: &[String]) -> Run {
         "bare consumer failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let broker = micros_per_event(broker_before, cpu_ticks(Party::Broker));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    let mut numbers = printed.split_whitespace().map(|number| {
+        number
+            .parse::<f64>()
+            .expect("the bare consumer prints numbers")
+    });
     Run {
-        rate: String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .expect("the bare consumer prints its rate"),
-        broker_micros_per_event: broker_micros_per_event(broker_before),
+        rate: numbers.next().expect("the bare consumer prints its rate"),
+        cpu: CpuPerEvent {
+            broker,
+            database: f64::NAN,
+            consumer: numbers.next().expect("the bare consumer prints its CPU"),
+        },
     }
 }
 
 /// (b) One transaction per event: look the event up, read the key, write the new total, commit, ack.
 async fn naive_consumer(url: &str, db: &DatabaseConnection, keys: usize) -> f64 {
-    publish(url, &[Destination::Queue("bench.naive")], NAIVE_EVENTS, keys).await;
+    publish(
+        url,
+        &[Destination::Queue("bench.naive")],
+        NAIVE_EVENTS,
+        keys,
+    )
+    .await;
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("broker");
@@ -411,11 +427,46 @@ async fn wait_for_total(db: &DatabaseConnection, expected: i64) {
     }
 }
 
-/// A timed run: events per second, and the broker's CPU per event meanwhile.
+/// A timed run: events per second, and CPU per event meanwhile.
 #[derive(Clone, Copy)]
 struct Run {
     rate: f64,
-    broker_micros_per_event: f64,
+    cpu: CpuPerEvent,
+}
+
+/// Microseconds of CPU per event of a run (NaN where not measured).
+#[derive(Clone, Copy)]
+struct CpuPerEvent {
+    broker: f64,
+    database: f64,
+    /// The consumer's own process.
+    consumer: f64,
+}
+
+/// CPU ticks of the broker, PostgreSQL and this process at one moment.
+struct CpuSnapshot {
+    broker: Option<u64>,
+    database: Option<u64>,
+    own: Option<u64>,
+}
+
+impl CpuSnapshot {
+    fn take() -> CpuSnapshot {
+        CpuSnapshot {
+            broker: cpu_ticks(Party::Broker),
+            database: cpu_ticks(Party::Database),
+            own: cpu_ticks(Party::Own),
+        }
+    }
+
+    fn per_event_since(&self) -> CpuPerEvent {
+        let now = CpuSnapshot::take();
+        CpuPerEvent {
+            broker: micros_per_event(self.broker, now.broker),
+            database: micros_per_event(self.database, now.database),
+            consumer: micros_per_event(self.own, now.own),
+        }
+    }
 }
 
 /// What a round times; each round starts with a different one.
@@ -497,7 +548,7 @@ async fn round(keys: usize, first: usize) -> RoundRuns {
 /// Starts the service on the queued events, times it until they are all committed, stops it.
 async fn service_run(settings: &quota_keeper::settings::Settings, db: &DatabaseConnection) -> Run {
     let expected = 3 * EVENTS as i64;
-    let broker_before = broker_cpu_ticks();
+    let before = CpuSnapshot::take();
     let started = Instant::now();
     let app = Application::build(settings.clone(), Arc::new(SystemClock))
         .await
@@ -508,43 +559,58 @@ async fn service_run(settings: &quota_keeper::settings::Settings, db: &DatabaseC
     }));
     wait_for_total(db, expected).await;
     let rate = EVENTS as f64 / started.elapsed().as_secs_f64();
-    let broker_micros_per_event = broker_micros_per_event(broker_before);
+    let cpu = before.per_event_since();
     // Stopped before anything else is measured, so nothing of it runs alongside.
     let _ = stop.send(());
     let _ = running.await;
-    Run {
-        rate,
-        broker_micros_per_event,
-    }
+    Run { rate, cpu }
 }
 
-/// The broker's CPU since `before` (ticks), per event of a run; NaN if it cannot be read.
-fn broker_micros_per_event(before: Option<u64>) -> f64 {
-    match (before, broker_cpu_ticks()) {
-        (Some(before), Some(after)) => {
-            (after - before) as f64 / TICKS_PER_SECOND * 1e6 / EVENTS as f64
-        }
-        _ => f64::NAN,
-    }
+/// Processes whose CPU a run is charged with.
+#[derive(Clone, Copy)]
+enum Party {
+    Broker,
+    Database,
+    /// The process reading it: the service, or the bare consumer in its child process.
+    Own,
 }
 
-/// The broker's CPU time so far (all its threads), from `/proc`; `None` if it cannot be read.
-fn broker_cpu_ticks() -> Option<u64> {
+/// CPU time so far of every process of `party` (all threads), in clock ticks, from `/proc`;
+/// `None` if it cannot be read.
+fn cpu_ticks(party: Party) -> Option<u64> {
+    let command = match party {
+        Party::Broker => "(beam.smp)",
+        Party::Database => "(postgres)",
+        Party::Own => return process_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?),
+    };
     let mut total = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        if !stat.contains("(beam.smp)") {
-            continue;
+        if stat.contains(command) {
+            total = Some(total.unwrap_or(0) + process_ticks(&stat)?);
         }
-        // utime and stime: fields 14 and 15, the 12th and 13th after the command's `)`.
-        let after_command = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = after_command.split_whitespace().collect();
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        total = Some(total.unwrap_or(0) + ticks);
     }
     total
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line: fields 14 and 15, the 12th and 13th after the
+/// command's `)`.
+fn process_ticks(stat: &str) -> Option<u64> {
+    let after_command = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_command.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Microseconds of CPU per event of a run from `before` to `after` (ticks); NaN if unknown.
+fn micros_per_event(before: Option<u64>, after: Option<u64>) -> f64 {
+    match (before, after) {
+        (Some(before), Some(after)) => {
+            (after - before) as f64 / TICKS_PER_SECOND * 1e6 / EVENTS as f64
+        }
+        _ => f64::NAN,
+    }
 }
 
 /// Waits until the broker is idle: it keeps writing persistent messages for seconds after their
@@ -553,12 +619,12 @@ fn broker_cpu_ticks() -> Option<u64> {
 async fn broker_settled() {
     const WINDOW: Duration = Duration::from_millis(500);
     let deadline = Instant::now() + Duration::from_secs(30);
-    let Some(mut before) = broker_cpu_ticks() else {
+    let Some(mut before) = cpu_ticks(Party::Broker) else {
         return;
     };
     while Instant::now() < deadline {
         tokio::time::sleep(WINDOW).await;
-        let Some(now) = broker_cpu_ticks() else {
+        let Some(now) = cpu_ticks(Party::Broker) else {
             return;
         };
         let busy = (now - before) as f64 / TICKS_PER_SECOND / WINDOW.as_secs_f64();
@@ -631,8 +697,8 @@ async fn run() {
         "## Ingestion: {EVENTS} persistent events queued → committed (naive: {NAIVE_EVENTS}); \
          quota-keeper, (c) and (d): medians of {ROUNDS} rounds\n"
     );
-    println!("| distinct keys | quota-keeper events/s | (c) bare consumer events/s | (d) bare consumer, service's queues events/s | (a) bare drain events/s | (b) naive events/s | vs (c) (rounds) | vs (d) (rounds) | vs (a) | vs (b) | broker CPU µs/event: quota-keeper, (c), (d) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| distinct keys | quota-keeper events/s | (c) bare consumer events/s | (d) bare consumer, service's queues events/s | (a) bare drain events/s | (b) naive events/s | vs (c) (rounds) | vs (d) (rounds) | vs (a) | vs (b) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     // `cargo bench --bench ingest -- 100000` runs only the given key counts.
     let requested: Vec<usize> = std::env::args()
         .skip(1)
@@ -643,12 +709,13 @@ async fn run() {
     } else {
         requested
     };
+    let mut cpu_rows = Vec::new();
     for keys in key_counts {
         let rates = measure(keys).await;
         let rounds = &rates.rounds;
         let service = median_of(rounds, |runs| runs.service.rate);
         println!(
-            "| {keys} | {service:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.2}x | {:.1}x | {:.1}, {:.1}, {:.1} |",
+            "| {keys} | {service:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.2}x | {:.1}x |",
             median_of(rounds, |runs| runs.bare_consumer.rate),
             median_of(rounds, |runs| runs.bare_on_layout.rate),
             rates.bare,
@@ -657,9 +724,28 @@ async fn run() {
             ratios(rounds, |runs| runs.bare_on_layout),
             service / rates.bare,
             service / rates.naive,
-            median_of(rounds, |runs| runs.service.broker_micros_per_event),
-            median_of(rounds, |runs| runs.bare_consumer.broker_micros_per_event),
-            median_of(rounds, |runs| runs.bare_on_layout.broker_micros_per_event),
         );
+        let cpu = |of: fn(&RoundRuns) -> Run| {
+            let median_cpu =
+                |part: fn(&CpuPerEvent) -> f64| median_of(rounds, |runs| part(&of(runs).cpu));
+            (
+                median_cpu(|cpu| cpu.broker),
+                median_cpu(|cpu| cpu.database),
+                median_cpu(|cpu| cpu.consumer),
+            )
+        };
+        let (service_broker, service_database, service_own) = cpu(|runs| runs.service);
+        let (c_broker, _, c_own) = cpu(|runs| runs.bare_consumer);
+        let (d_broker, _, d_own) = cpu(|runs| runs.bare_on_layout);
+        cpu_rows.push(format!(
+            "| {keys} | {service_broker:.1} | {service_database:.1} | {service_own:.1} | {:.1} | {c_broker:.1} | {c_own:.1} | {d_broker:.1} | {d_own:.1} |",
+            service_broker + service_database + service_own
+        ));
+    }
+    println!("\nCPU per event (µs, medians of the rounds; the consumer's own process: the service, or the bare consumer's child process):\n");
+    println!("| distinct keys | quota-keeper: broker | PostgreSQL | quota-keeper | all three | (c): broker | (c) | (d): broker | (d) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in cpu_rows {
+        println!("{row}");
     }
 }

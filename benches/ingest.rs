@@ -48,8 +48,8 @@ fn main() {
     if let Some(at) = args.iter().position(|arg| arg == BARE_CONSUMER_ARG) {
         let (url, queues) = (&args[at + 1], &args[at + 2]);
         let queues: Vec<&str> = queues.split(',').collect();
-        // The runtime `#[tokio::main]` gives a plain consumer.
         let before = cpu_ticks(Party::Own);
+        // The runtime `#[tokio::main]` gives a plain consumer.
         let rate = tokio::runtime::Runtime::new()
             .expect("a runtime")
             .block_on(bare_consumer(url, &queues));
@@ -143,8 +143,8 @@ fn shard_queue_arguments() -> FieldTable {
     arguments
 }
 
-/// Publishes `count` events to `destinations` on a connection of its own (declaring the plain
-/// queues they name), with confirms.
+/// Publishes `count` events to `destinations` on a connection of its own (declaring the queues
+/// they name), with confirms.
 async fn publish(url: &str, destinations: &[Destination<'_>], count: usize, keys: usize) {
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await

@@ -95,26 +95,6 @@ impl AlertListener {
         }
     }
 
-    /// Binds the queue again (after `quota.alerts` was deleted and declared anew).
-    pub async fn rebind(&self) {
-        let connection = Connection::connect(&self.url, ConnectionProperties::default())
-            .await
-            .expect("the test vhost accepts guest");
-        let channel = connection.create_channel().await.expect("a channel");
-        declare_alerts_exchange(&channel).await;
-        channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                ALERTS_EXCHANGE.into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("the test queue is bound");
-        let _ = connection.close(200, "bound".into()).await;
-    }
-
     /// The next alert, within `within`; panics naming `what` otherwise.
     pub async fn next(&mut self, within: Duration, what: &str) -> Received {
         let delivery = tokio::time::timeout(within, self.consumer.next())
@@ -167,16 +147,28 @@ pub async fn declare_alerts_exchange(channel: &lapin::Channel) {
         .expect("quota.alerts is declared");
 }
 
-/// Deletes `quota.alerts` (and with it every binding to it): the service's publisher cannot
-/// publish until it is declared again.
-pub async fn delete_alerts_exchange(url: &str) {
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .expect("the test vhost accepts guest");
-    let channel = connection.create_channel().await.expect("a channel");
-    channel
-        .exchange_delete(ALERTS_EXCHANGE.into(), Default::default())
-        .await
-        .expect("quota.alerts is deleted");
-    let _ = connection.close(200, "deleted".into()).await;
+/// The write permission of `guest` in a test vhost: everything but `quota.alerts`.
+const WRITE_ALL_BUT_ALERTS: &str = r"^(?!quota\.alerts$).*";
+
+/// Refuses `guest` the right to publish to `quota.alerts` in `vhost`: the service's publisher
+/// cannot send, while the exchange and its bindings stay, so what it sends once allowed again
+/// is routed at once. (Deleting the exchange instead left a gap between declaring it again and
+/// binding a queue to it, where an alert published by a retry went nowhere.) RabbitMQ remembers a
+/// channel's granted checks, so this stops only channels that have not published there yet; the
+/// publisher opens a new one after each failure.
+pub fn refuse_alert_publishing(vhost: &str) {
+    super::rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        vhost,
+        "guest",
+        ".*",
+        WRITE_ALL_BUT_ALERTS,
+        ".*",
+    ]);
+}
+
+/// Undoes [`refuse_alert_publishing`].
+pub fn allow_alert_publishing(vhost: &str) {
+    super::rabbitmqctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]);
 }

@@ -8,7 +8,7 @@ use entity::alert_outbox;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use serde_json::json;
 
-use crate::common::alerts::{delete_alerts_exchange, AlertListener};
+use crate::common::alerts::{allow_alert_publishing, refuse_alert_publishing, AlertListener};
 use crate::common::broker::BrokerClient;
 use crate::common::eventually;
 use crate::harness::{Scenario, Service, SERIAL};
@@ -46,8 +46,8 @@ async fn an_alert_committed_before_a_sigkill_is_sent_after_the_restart() {
     let url = scenario.vhost.url();
     let mut service = scenario.start_with_keys(&[1], Some(1000)).await;
     let listener = AlertListener::bind(&url).await;
-    // Without the exchange the publisher cannot send: the crossing stays in the outbox.
-    delete_alerts_exchange(&url).await;
+    // Refused by the broker, the publisher cannot send: the crossing stays in the outbox.
+    refuse_alert_publishing(&scenario.vhost.name);
     let broker = scenario.broker().await;
     use_tokens(&broker, 1, 900).await;
     let db = database(&scenario).await;
@@ -56,7 +56,7 @@ async fn an_alert_committed_before_a_sigkill_is_sent_after_the_restart() {
     let left = alert_outbox::Entity::find().all(&db).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].published_at, None, "killed before it was sent");
-    listener.rebind().await;
+    allow_alert_publishing(&scenario.vhost.name);
     let mut listener = listener;
     let service = scenario.start();
     service.wait_ready().await;
@@ -89,9 +89,9 @@ async fn two_instances_send_each_alert_once() {
     })
     .await;
     let mut listener = AlertListener::bind(&url).await;
-    // Every crossing waits in the outbox until the exchange is back, so both publishers find
-    // all of them pending and retry at once.
-    delete_alerts_exchange(&url).await;
+    // Every crossing waits in the outbox until publishing is allowed again, so both publishers
+    // find all of them pending and retry at once.
+    refuse_alert_publishing(&scenario.vhost.name);
     let broker = scenario.broker().await;
     for tokens in [50, 35, 20] {
         for &key in &keys {
@@ -115,8 +115,8 @@ async fn two_instances_send_each_alert_once() {
         },
     )
     .await;
-    let rebound = std::time::Instant::now();
-    listener.rebind().await;
+    let allowed = std::time::Instant::now();
+    allow_alert_publishing(&scenario.vhost.name);
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut order: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
     for _ in 0..2 * keys.len() {
@@ -128,9 +128,9 @@ async fn two_instances_send_each_alert_once() {
             .push(alert.body["threshold_percent"].as_u64().unwrap_or_default());
     }
     println!(
-        "{} alerts pending on two instances sent {:?} after the exchange came back",
+        "{} alerts pending on two instances sent {:?} after publishing was allowed again",
         2 * keys.len(),
-        rebound.elapsed()
+        allowed.elapsed()
     );
     assert!(seen.values().all(|&copies| copies == 1), "{seen:?}");
     let keys_alerted: BTreeSet<i64> = order.keys().copied().collect();

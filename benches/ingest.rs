@@ -748,4 +748,5 @@ async fn run() {
     for row in cpu_rows {
         println!("{row}");
     }
+    actix::System::current().stop();
 }

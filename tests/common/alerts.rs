@@ -168,7 +168,7 @@ pub fn refuse_alert_publishing(vhost: &str) {
     ]);
 }
 
-/// Undoes [`refuse_alert_publishing`].
+/// Undoes [`refuse_alert_publishing`]: the permissions every test vhost starts with.
 pub fn allow_alert_publishing(vhost: &str) {
-    super::rabbitmqctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]);
+    super::grant_guest_everything(vhost);
 }

@@ -157,13 +157,18 @@ impl TestVhost {
         ensure_consistent_hash_plugin();
         let name = format!("qk_test_{}", uuid::Uuid::new_v4().simple());
         rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        grant_guest_everything(&name);
         TestVhost { name }
     }
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
     }
+}
+
+/// Lets `guest` configure, write and read everything in `vhost`.
+pub fn grant_guest_everything(vhost: &str) {
+    rabbitmqctl(&["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]);
 }
 
 impl Drop for TestVhost {
